@@ -6,7 +6,7 @@ The toy world recipe and the tests build on these; nothing here downloads anythi
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -44,20 +44,30 @@ BASE_WORDS = (
 ).split()
 
 
+CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'\"-()/&+")
+
+
 def build_word_tokenizer(
-    words: list[str], model_max_length: int = 512, add_eos: bool = False
+    words: list[str], model_max_length: int = 512, add_eos: bool = False, characters: bool = False
 ) -> PreTrainedTokenizerFast:
     """A lower-casing word-level tokenizer; `<image>` is special so LLaVA's token expansion works.
 
     Every sequence starts with `<s>`; `add_eos=True` (for a CLIP text tower, which pools at the
-    end token) also ends it with `</s>`.
+    end token) also ends it with `</s>`. `characters=True` tokenizes letter by letter, so any
+    label gets its own text (for random models that must tell unseen class names apart).
     """
+    if characters:
+        words = list(words) + CHARACTERS
     vocab: dict[str, int] = {}
     for token in SPECIAL_TOKENS + [w.lower() for w in words]:
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if characters:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Whitespace(), pre_tokenizers.Split(Regex("."), behavior="isolated")]
+        )
     single = "<s> $A </s>" if add_eos else "<s> $A"
     backend.post_processor = processors.TemplateProcessing(
         single=single, special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
@@ -176,9 +186,10 @@ def build_tiny_random(seed: int = 0, words: list[str] | None = None, **config_ov
     """
     vocabulary = BASE_WORDS + list(words or [])
     tokenizer = build_word_tokenizer(vocabulary)
-    clip_tokenizer = build_word_tokenizer(vocabulary, model_max_length=32, add_eos=True)
+    clip_tokenizer = build_word_tokenizer([], model_max_length=64, add_eos=True, characters=True)
     clip_config, llava_config = tiny_configs(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), len(clip_tokenizer)),
+        max_text_positions=64,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

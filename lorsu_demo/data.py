@@ -1,0 +1,359 @@
+"""Labelled image sets: loading and validating them, the sessions protocol, augmentation.
+
+Every problem with user input raises `DataError` with a message that names the file and says
+what to do; nothing here should ever surface as a traceback in the app.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+import unicodedata
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_IMAGE_PIXELS = 40_000_000  # about 6300 x 6300; anything larger is refused before decoding
+MAX_FILE_BYTES = 20 * 1024 * 1024
+MAX_LABEL_CHARS = 40
+MAX_IMAGES = 5000
+
+
+class DataError(ValueError):
+    """Bad input, with a message that says what to fix."""
+
+
+@dataclass(frozen=True)
+class Item:
+    image: Image.Image
+    label: str
+    source: str = ""
+
+
+@dataclass
+class LabelledImages:
+    name: str
+    items: list[Item] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({item.label for item in self.items})
+
+    @property
+    def labels(self) -> list[str]:
+        return [item.label for item in self.items]
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(self.labels).items()))
+
+    def subset(self, classes, name: str | None = None) -> LabelledImages:
+        keep = set(classes)
+        return LabelledImages(name or self.name, [i for i in self.items if i.label in keep])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class Domain:
+    """A target domain: training images (the pool for shots) and a held-out test set."""
+
+    name: str
+    train: LabelledImages
+    test: LabelledImages
+    templates: list[str] | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.train.classes) | set(self.test.classes))
+
+
+def clean_label(raw: str, source: str = "") -> str:
+    """A label as captions will use it: underscores to spaces, one space, no control characters."""
+    text = unicodedata.normalize("NFKC", str(raw)).replace("_", " ").replace("-", " ")
+    text = re.sub(r"\s+", " ", text).strip()
+    where = f" (from {source})" if source else ""
+    if not text:
+        raise DataError(f"Empty label{where}: give every image a class name.")
+    if any(unicodedata.category(ch).startswith("C") for ch in text):
+        raise DataError(f"Label {raw!r}{where} has control characters: use plain words.")
+    if len(text) > MAX_LABEL_CHARS:
+        raise DataError(
+            f"Label {text[:20]!r}...{where} is {len(text)} characters long: "
+            f"keep class names under {MAX_LABEL_CHARS} characters."
+        )
+    if "{" in text or "}" in text:
+        raise DataError(f"Label {text!r}{where} contains braces: remove them.")
+    return text
+
+
+def open_image(source, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image as RGB, refusing non-images, corrupt files and bombs."""
+    name = name or str(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            try:
+                size = path.stat().st_size
+            except OSError as err:
+                raise DataError(f"Cannot read {name}: {err.strerror}.") from err
+            if size > MAX_FILE_BYTES:
+                raise DataError(
+                    f"{name} is {size / 2**20:.0f} MB: use images under {MAX_FILE_BYTES // 2**20} MB."
+                )
+            data = path.read_bytes()
+        else:
+            data = bytes(source)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"{name} is {width}x{height} pixels: that is too large to be safe to "
+                        f"decode; resize it below {MAX_IMAGE_PIXELS // 1_000_000} megapixels."
+                    )
+                image.load()
+        except DataError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise DataError(
+                f"{name} claims an enormous size (a decompression bomb?): remove it."
+            ) from err
+        except UnidentifiedImageError as err:
+            raise DataError(f"{name} is not an image file: use PNG, JPEG or WebP files.") from err
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DataError(
+                f"{name} is damaged or truncated ({err}): replace or remove it."
+            ) from err
+    if min(image.size) < 1:
+        raise DataError(f"{name} has no pixels: remove it.")
+    return image.convert("RGB")
+
+
+def validate(dataset: LabelledImages, *, for_training: bool = True) -> None:
+    if not dataset.items:
+        raise DataError(f"No images in {dataset.name}: add images of at least two classes.")
+    if len(dataset.items) > MAX_IMAGES:
+        raise DataError(
+            f"{dataset.name} has {len(dataset.items)} images: use at most {MAX_IMAGES}."
+        )
+    if for_training and len(dataset.classes) < 2:
+        only = dataset.classes[0]
+        raise DataError(
+            f"Only one class ({only!r}) in {dataset.name}: the contrastive loss needs at least "
+            "two classes to tell apart. Add images of another class."
+        )
+
+
+def from_pairs(pairs, name: str = "uploaded images") -> LabelledImages:
+    """(image or path or bytes, label) pairs -> a validated set."""
+    items = []
+    for index, (image, label) in enumerate(pairs):
+        source = str(image) if isinstance(image, (str, Path)) else f"image {index + 1}"
+        items.append(Item(open_image(image, source), clean_label(label, source), source))
+    dataset = LabelledImages(name, items)
+    validate(dataset, for_training=False)
+    return dataset
+
+
+def _images_in(directory: Path) -> list[Path]:
+    files = []
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            raise DataError(
+                f"{path} is a folder inside a class folder: use DIR/<class>/<image> only."
+            )
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix.lower() in (".md", ".txt", ".json"):
+                continue
+            raise DataError(f"{path} is not a PNG, JPEG or WebP image: remove it or convert it.")
+        files.append(path)
+    return files
+
+
+def load_folder(directory: str | Path, name: str | None = None) -> LabelledImages:
+    """DIR/<class>/*.{png,jpg,jpeg,webp} -> a labelled set (the folder name is the label)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory} is not a folder of class folders.")
+    class_dirs = [
+        p for p in sorted(directory.iterdir()) if p.is_dir() and not p.name.startswith(".")
+    ]
+    if not class_dirs:
+        raise DataError(
+            f"{directory} has no class folders: lay images out as {directory}/<class>/<image>."
+        )
+    items = []
+    for class_dir in class_dirs:
+        label = clean_label(class_dir.name, str(class_dir))
+        for path in _images_in(class_dir):
+            items.append(Item(open_image(path), label, str(path)))
+    dataset = LabelledImages(name or directory.name, items)
+    validate(dataset, for_training=False)
+    return dataset
+
+
+def read_templates(directory: Path) -> list[str] | None:
+    path = directory / "templates.txt"
+    if not path.exists():
+        return None
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [check_template(t) for t in lines] or None
+
+
+def check_template(template: str) -> str:
+    if "{label}" not in template:
+        raise DataError(f"Caption template {template!r} must contain {{label}}.")
+    try:
+        template.format(label="x")
+    except (KeyError, IndexError, ValueError) as err:
+        raise DataError(f"Caption template {template!r} is not valid: {err}.") from err
+    return template
+
+
+def load_domain(directory: str | Path, *, test_fraction: float = 0.3, seed: int = 0) -> Domain:
+    """A domain folder: DIR/train + DIR/test when present, else a seeded per-class split."""
+    directory = Path(directory)
+    name = directory.name
+    if (directory / "train").is_dir():
+        train = load_folder(directory / "train", f"{name}/train")
+        test_dir = directory / "test"
+        test = load_folder(test_dir, f"{name}/test") if test_dir.is_dir() else None
+    else:
+        train, test = load_folder(directory, name), None
+    if test is None:
+        train, test = split_holdout(train, test_fraction, seed)
+    validate(train)
+    return Domain(name, train, test, read_templates(directory))
+
+
+def split_holdout(dataset: LabelledImages, fraction: float, seed: int):
+    rng = random.Random(seed)
+    train, test = [], []
+    for label in dataset.classes:
+        items = [i for i in dataset.items if i.label == label]
+        rng.shuffle(items)
+        n_test = max(1, round(len(items) * fraction)) if len(items) > 1 else 0
+        test += items[:n_test]
+        train += items[n_test:]
+    return LabelledImages(f"{dataset.name}/train", train), LabelledImages(
+        f"{dataset.name}/test", test
+    )
+
+
+@dataclass
+class SessionPlan:
+    index: int  # 1-based
+    classes: list[str]
+    train: LabelledImages
+
+
+def plan_sessions(domain: Domain, sessions: int, shots: int, seed: int = 0) -> list[SessionPlan]:
+    """The paper's protocol: the domain's classes split into `sessions` groups, `shots` per class."""
+    classes = domain.train.classes
+    if sessions < 1 or shots < 1:
+        raise DataError("Use at least one session and one shot per class.")
+    if len(classes) < 2 * sessions:
+        raise DataError(
+            f"{domain.name} has {len(classes)} classes: too few for {sessions} sessions of at "
+            "least two classes each. Use fewer sessions."
+        )
+    rng = random.Random(seed)
+    order = classes[:]
+    rng.shuffle(order)
+    plans = []
+    for index, group in enumerate(np.array_split(np.array(order, dtype=object), sessions), 1):
+        group = sorted(group.tolist())
+        items = []
+        for label in group:
+            pool = [i for i in domain.train.items if i.label == label]
+            rng.shuffle(pool)
+            items += pool[:shots]
+        plans.append(
+            SessionPlan(index, group, LabelledImages(f"{domain.name} session {index}", items))
+        )
+    return plans
+
+
+# ---- pixels -------------------------------------------------------------------------------
+
+
+def to_unit_pixels(images: list[Image.Image], image_processor) -> torch.Tensor:
+    """Resize and centre-crop as the CLIP processor does, but stop before normalising."""
+    out = image_processor(images=images, do_normalize=False, return_tensors="pt")
+    return out["pixel_values"].float()
+
+
+def normalise(pixels: torch.Tensor, image_processor) -> torch.Tensor:
+    mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+@dataclass(frozen=True)
+class Augment:
+    """SPEC section 2's train augmentation. torchvision does not install beside this torch build,
+    so the few transforms are written on tensors here."""
+
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    jitter: tuple[float, float, float, float] = (0.32, 0.32, 0.32, 0.08)
+    jitter_p: float = 0.8
+    grey_p: float = 0.2
+
+    def __call__(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return torch.stack([self._one(p, generator) for p in pixels])
+
+    def _one(self, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        def uniform(low, high):
+            return low + (high - low) * float(torch.rand((), generator=g))
+
+        _, height, width = image.shape
+        area = height * width * uniform(*self.crop_scale)
+        ratio = float(np.exp(uniform(np.log(3 / 4), np.log(4 / 3))))
+        crop_w = min(width, max(1, round((area * ratio) ** 0.5)))
+        crop_h = min(height, max(1, round((area / ratio) ** 0.5)))
+        top = int(torch.randint(0, height - crop_h + 1, (), generator=g))
+        left = int(torch.randint(0, width - crop_w + 1, (), generator=g))
+        image = image[:, top : top + crop_h, left : left + crop_w]
+        image = torch.nn.functional.interpolate(
+            image[None], size=(height, width), mode="bilinear", align_corners=False
+        )[0]
+        if float(torch.rand((), generator=g)) < self.jitter_p:
+            b, c, s, h = self.jitter
+            image = image * uniform(1 - b, 1 + b)
+            grey = _grey(image)
+            image = (image - grey.mean()) * uniform(1 - c, 1 + c) + grey.mean()
+            grey = _grey(image)
+            image = (image - grey) * uniform(1 - s, 1 + s) + grey
+            image = _rotate_hue(image, uniform(-h, h))
+        if float(torch.rand((), generator=g)) < self.grey_p:
+            image = _grey(image).expand(3, -1, -1)
+        return image.clamp(0, 1)
+
+
+def _grey(image: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    return (image * weights).sum(0, keepdim=True)
+
+
+def _rotate_hue(image: torch.Tensor, turns: float) -> torch.Tensor:
+    """Hue shift as a rotation of the chroma plane in YIQ space."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    angle = 2 * np.pi * turns
+    cos, sin = float(np.cos(angle)), float(np.sin(angle))
+    rotate = torch.tensor([[1.0, 0, 0], [0, cos, -sin], [0, sin, cos]])
+    matrix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq
+    return torch.einsum("ij,jhw->ihw", matrix, image)

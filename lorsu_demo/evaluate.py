@@ -1,0 +1,157 @@
+"""Accuracy readers and continual-learning metrics. Accuracies are percentages (0-100)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data import LabelledImages, normalise, to_unit_pixels
+
+
+@dataclass
+class EvalSet:
+    """A labelled test set and the class names it is judged against."""
+
+    name: str
+    images: LabelledImages
+    classes: list[str]
+    templates: list[str] | None = None
+    role: str = "target"  # "target" | "control" | "session"
+    _pixels: torch.Tensor | None = field(default=None, repr=False)
+
+    def pixels(self, bundle) -> torch.Tensor:
+        if self._pixels is None:
+            unit = to_unit_pixels([i.image for i in self.images.items], bundle.clip_image_processor)
+            self._pixels = normalise(unit, bundle.clip_image_processor)
+        return self._pixels
+
+    @property
+    def targets(self) -> torch.Tensor:
+        index = {c: i for i, c in enumerate(self.classes)}
+        return torch.tensor([index[i.label] for i in self.images.items])
+
+
+def class_text_features(bundle, classes: list[str], templates: list[str]) -> torch.Tensor:
+    """One embedding per class: the normalised mean over caption templates."""
+    per_template = torch.stack(
+        [bundle.text_features([t.format(label=c) for c in classes]) for t in templates]
+    )
+    return torch.nn.functional.normalize(per_template.mean(0), dim=-1)
+
+
+@torch.no_grad()
+def clip_predictions(bundle, eval_set: EvalSet, batch_size: int = 64) -> torch.Tensor:
+    texts = class_text_features(
+        bundle, eval_set.classes, eval_set.templates or bundle.caption_templates
+    )
+    pixels = eval_set.pixels(bundle)
+    predictions = []
+    for start in range(0, len(pixels), batch_size):
+        features = bundle.image_features(pixels[start : start + batch_size])
+        predictions.append((features @ texts.T).argmax(-1).cpu())
+    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+
+
+def clip_accuracy(bundle, eval_set: EvalSet) -> float:
+    predictions = clip_predictions(bundle, eval_set)
+    return percent(predictions == eval_set.targets)
+
+
+def per_class_accuracy(bundle, eval_set: EvalSet) -> dict[str, float]:
+    correct = clip_predictions(bundle, eval_set) == eval_set.targets
+    targets = eval_set.targets
+    return {
+        c: percent(correct[targets == i])
+        for i, c in enumerate(eval_set.classes)
+        if (targets == i).any()
+    }
+
+
+def percent(correct: torch.Tensor) -> float:
+    return 100.0 * float(correct.double().mean()) if len(correct) else float("nan")
+
+
+READERS = {"clip": clip_accuracy}
+
+
+def accuracy(bundle, eval_set: EvalSet, reader: str = "clip") -> float:
+    try:
+        return READERS[reader](bundle, eval_set)
+    except KeyError:
+        raise ValueError(
+            f"unknown accuracy reader {reader!r}: use one of {sorted(READERS)}"
+        ) from None
+
+
+def ti_cc(accuracies: dict, base: dict, target: str, controls: list[str]) -> tuple[float, float]:
+    ti = accuracies[target] - base[target]
+    cc = float(np.mean([accuracies[c] - base[c] for c in controls])) if controls else 0.0
+    return ti, cc
+
+
+@dataclass
+class AccuracyMatrix:
+    """a[j, i]: accuracy on set i after session j (row 0 is the untouched base model)."""
+
+    sets: list[str]
+    rows: list[list[float]]
+    trained_at: dict[str, int]  # set -> the session that trained it (sets not listed: controls)
+
+    @classmethod
+    def from_history(cls, base: dict, sessions: list[dict], trained_at: dict[str, int]):
+        sets = list(base)
+        for row in sessions:
+            sets += [s for s in row if s not in sets]
+        rows = [[row.get(s, float("nan")) for s in sets] for row in [base, *sessions]]
+        return cls(sets, rows, trained_at)
+
+    @property
+    def array(self) -> np.ndarray:
+        return np.array(self.rows, dtype=float)
+
+    def _trained(self) -> list[int]:
+        return [
+            i for i, s in enumerate(self.sets) if 0 < self.trained_at.get(s, 0) < len(self.rows)
+        ]
+
+    def forgetting(self) -> dict[str, float]:
+        a = self.array
+        if len(a) < 2:
+            return {s: 0.0 for s in self.sets}
+        return {s: float(np.nanmax(a[:-1, i]) - a[-1, i]) for i, s in enumerate(self.sets)}
+
+    def summary(self) -> dict[str, float]:
+        a = self.array
+        trained = self._trained()
+        last = len(a) - 1
+        out: dict[str, float] = {
+            "avg": float("nan"),
+            "last": float("nan"),
+            "transfer": float("nan"),
+            "bwt": float("nan"),
+        }
+        if not trained:
+            return out
+        cols = a[:, trained]
+        out["avg"] = float(np.nanmean(cols))
+        out["last"] = float(np.nanmean(cols[-1]))
+        before = [np.nanmean(a[: self.trained_at[self.sets[i]], i]) for i in trained]
+        out["transfer"] = float(np.mean(before))
+        after = [
+            a[last, i] - a[self.trained_at[self.sets[i]], i]
+            for i in trained
+            if self.trained_at[self.sets[i]] < last
+        ]
+        out["bwt"] = float(np.mean(after)) if after else 0.0
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "sets": self.sets,
+            "rows": self.rows,
+            "trained_at": self.trained_at,
+            "forgetting": self.forgetting(),
+            **self.summary(),
+        }

@@ -1,0 +1,30 @@
+"""Methods behind one interface; `METHODS` maps a name to its class."""
+
+from .base import COMMON_DEFAULTS, Method, MethodError
+from .baselines import SPU, FullFineTune, LoRA
+from .lorsu import LoRSU, LoRSUAllHeads, LoRSURandom
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (LoRSU, LoRSURandom, LoRSUAllHeads, LoRA, SPU, FullFineTune)
+}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def make_method(name: str, **settings) -> Method:
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise MethodError(f"Unknown method {name!r}: use one of {', '.join(METHODS)}.") from None
+    return cls(**settings)
+
+
+def method_settings(name: str) -> dict:
+    """Every setting of a method with its default."""
+    return {**COMMON_DEFAULTS, **METHODS[name].defaults}
+
+
+__all__ = ["METHODS", "Method", "MethodError", "make_method", "method_settings", "register"]

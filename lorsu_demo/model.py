@@ -1,0 +1,339 @@
+"""The model bundle: one LLaVA-family VLM plus the CLIP text side, sharing one vision encoder.
+
+An update made through the CLIP loss is therefore the update the VLM sees. The bundle is loaded
+once per process and shared; users' adaptations are applied to it as deltas (see `delta.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+BUNDLE_FILE = "bundle.json"
+DEFAULT_TEMPLATES = ["a photo of a {label}."]
+OFFLINE_PRESET = "toy"
+
+
+class BundleError(RuntimeError):
+    """A model that cannot be loaded; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    vlm: str
+    clip: str
+    description: str
+    caption_templates: tuple[str, ...] = tuple(DEFAULT_TEMPLATES)
+    control: str | None = None
+    defaults: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "llava-1.5-7b": Preset(
+        "llava-1.5-7b",
+        vlm="llava-hf/llava-1.5-7b-hf",
+        clip="openai/clip-vit-large-patch14-336",
+        description="LLaVA-1.5 7B with CLIP ViT-L/14-336 (GPU, about 15 GB in bf16)",
+    ),
+    "llava-1.5-13b": Preset(
+        "llava-1.5-13b",
+        vlm="llava-hf/llava-1.5-13b-hf",
+        clip="openai/clip-vit-large-patch14-336",
+        description="LLaVA-1.5 13B with CLIP ViT-L/14-336 (GPU, about 27 GB in bf16)",
+    ),
+}
+
+
+def encoder_layers(vision: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a CLIP vision encoder, whichever way transformers nests them."""
+    for path in (
+        "encoder.layers",
+        "vision_model.encoder.layers",
+        "model.vision_tower.encoder.layers",
+    ):
+        module = vision
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise TypeError(f"no encoder layers found in {type(vision).__name__}")
+
+
+@dataclass
+class Bundle:
+    name: str
+    vlm: nn.Module  # LlavaForConditionalGeneration
+    processor: object  # LlavaProcessor
+    clip: nn.Module  # CLIPModel whose vision_model IS the VLM's vision tower
+    clip_tokenizer: object
+    clip_image_processor: object
+    device: torch.device
+    dtype: torch.dtype
+    caption_templates: list[str]
+    control_dir: Path | None = None
+    defaults: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    # One lane: deltas are applied to the shared weights for the duration of a call.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def vision(self) -> nn.Module:
+        return self.clip.vision_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return encoder_layers(self.vision)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_heads(self) -> int:
+        return self.layers[0].self_attn.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.layers[0].self_attn.head_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.config.image_size
+
+    @property
+    def layers_read_by_vlm(self) -> int:
+        """How many encoder layers can change the VLM's answer (LLaVA reads layer -2's output)."""
+        feature_layer = self.vlm.config.vision_feature_layer
+        if isinstance(feature_layer, (list, tuple)):
+            feature_layer = max(feature_layer, key=lambda i: i % (self.num_layers + 1))
+        # hidden_states has num_layers + 1 entries (the embeddings first).
+        return feature_layer % (self.num_layers + 1)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.clip.logit_scale.detach().float().exp())
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision(pixel_values=pixel_values.to(self.device, self.dtype)).pooler_output
+        return nn.functional.normalize(self.clip.visual_projection(pooled).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.clip_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(
+            self.device
+        )
+        pooled = self.clip.text_model(**tokens).pooler_output
+        return nn.functional.normalize(self.clip.text_projection(pooled).float(), dim=-1)
+
+    def vision_state(self) -> dict[str, torch.Tensor]:
+        """The parameters a session may change: the shared encoder and the CLIP visual projection."""
+        state = {f"vision.{k}": v for k, v in self.vision.named_parameters()}
+        state.update(
+            {f"projection.{k}": v for k, v in self.clip.visual_projection.named_parameters()}
+        )
+        return state
+
+    def parameter(self, name: str) -> torch.Tensor:
+        return self.vision_state()[name]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype_for(device: torch.device, dtype: str | torch.dtype | None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def _tie(clip: nn.Module, vlm: nn.Module) -> None:
+    """Make the CLIP model use the VLM's vision tower: one copy of the encoder weights."""
+    tower = vlm.model.vision_tower
+    if type(tower) is not type(clip.vision_model):
+        raise BundleError(
+            f"the VLM's vision tower ({type(tower).__name__}) is not a "
+            f"{type(clip.vision_model).__name__}; the CLIP checkpoint does not fit this VLM"
+        )
+    clip.vision_model = tower
+
+
+def _is_hub_id(ref: str) -> bool:
+    return not Path(ref).exists() and ref.count("/") == 1 and not ref.startswith((".", "/"))
+
+
+def _from_pretrained(loader, ref: str, **kwargs):
+    try:
+        return loader.from_pretrained(ref, **kwargs)
+    except OSError as err:
+        if _is_hub_id(ref):
+            raise BundleError(
+                f"Cannot download '{ref}': the Hugging Face Hub is not reachable from here. "
+                f"Use --model {OFFLINE_PRESET} (the offline default) or a local directory "
+                "that holds the checkpoint."
+            ) from err
+        raise BundleError(f"Cannot load a model from '{ref}': {err}") from err
+
+
+def load_pretrained(
+    vlm_ref: str,
+    clip_ref: str,
+    *,
+    name: str,
+    device: torch.device | str | None = None,
+    dtype: str | torch.dtype | None = None,
+    caption_templates: list[str] | None = None,
+    control_dir: Path | None = None,
+    defaults: dict | None = None,
+) -> Bundle:
+    from transformers import (
+        AutoImageProcessor,
+        AutoProcessor,
+        AutoTokenizer,
+        CLIPModel,
+        LlavaForConditionalGeneration,
+    )
+
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = _dtype_for(device, dtype)
+    vlm = _from_pretrained(LlavaForConditionalGeneration, vlm_ref, dtype=torch_dtype)
+    processor = _from_pretrained(AutoProcessor, vlm_ref)
+    clip = _from_pretrained(CLIPModel, clip_ref, dtype=torch_dtype)
+    clip_tokenizer = _from_pretrained(AutoTokenizer, clip_ref)
+    clip_image_processor = _from_pretrained(AutoImageProcessor, clip_ref)
+    _tie(clip, vlm)
+    return _finish(
+        Bundle(
+            name=name,
+            vlm=vlm,
+            processor=processor,
+            clip=clip,
+            clip_tokenizer=clip_tokenizer,
+            clip_image_processor=clip_image_processor,
+            device=device,
+            dtype=torch_dtype,
+            caption_templates=list(caption_templates or DEFAULT_TEMPLATES),
+            control_dir=control_dir,
+            defaults=dict(defaults or {}),
+            source={"model": name, "vlm": vlm_ref, "clip": clip_ref},
+        )
+    )
+
+
+def _finish(bundle: Bundle) -> Bundle:
+    for module in (bundle.vlm, bundle.clip):
+        module.to(bundle.device, bundle.dtype).eval().requires_grad_(False)
+    # The pretrained temperature is part of the loss definition, never trained.
+    bundle.clip.logit_scale.data = bundle.clip.logit_scale.data.float()
+    return bundle
+
+
+def build_tiny_random(
+    seed: int = 0, device: str | None = "cpu", words: list[str] | None = None, **config
+) -> Bundle:
+    from .tiny import build_image_processor
+    from .tiny import build_tiny_random as build
+
+    clip, vlm, clip_tokenizer, processor = build(seed=seed, words=words, **config)
+    _tie(clip, vlm)
+    device = torch.device(device or "cpu")
+    return _finish(
+        Bundle(
+            name="tiny-random",
+            vlm=vlm,
+            processor=processor,
+            clip=clip,
+            clip_tokenizer=clip_tokenizer,
+            clip_image_processor=build_image_processor(vlm.config.vision_config.image_size),
+            device=device,
+            dtype=torch.float32,
+            caption_templates=list(DEFAULT_TEMPLATES),
+            defaults={"lr": 1e-3},
+            source={"model": "tiny-random", "seed": seed, "words": list(words or []), **config},
+        )
+    )
+
+
+def read_bundle_manifest(directory: Path) -> dict:
+    manifest_path = directory / BUNDLE_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise BundleError(f"{manifest_path} is missing or not valid JSON: {err}") from err
+    if manifest.get("format") != "lorsu-demo-bundle":
+        raise BundleError(f"{manifest_path} is not a lorsu-demo bundle manifest")
+    return manifest
+
+
+def load_bundle(
+    model: str = OFFLINE_PRESET,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    clip: str | None = None,
+    seed: int = 0,
+) -> Bundle:
+    """Load a preset name, a bundle directory (with bundle.json) or a LLaVA checkpoint directory."""
+    if model == "tiny-random":
+        return build_tiny_random(seed=seed, device=str(device) if device else "cpu")
+    if model in PRESETS:
+        preset = PRESETS[model]
+        return load_pretrained(
+            preset.vlm,
+            clip or preset.clip,
+            name=preset.name,
+            device=device,
+            dtype=dtype,
+            caption_templates=list(preset.caption_templates),
+            defaults=preset.defaults,
+        )
+    directory = ASSETS_DIR / model if (ASSETS_DIR / model / BUNDLE_FILE).exists() else Path(model)
+    if (directory / BUNDLE_FILE).exists():
+        manifest = read_bundle_manifest(directory)
+        control = manifest.get("control")
+        return load_pretrained(
+            str(directory / manifest["vlm"]),
+            clip or str(directory / manifest["clip"]),
+            name=manifest.get("name", directory.name),
+            device=device or ("cpu" if model == OFFLINE_PRESET else None),
+            dtype=dtype,
+            caption_templates=manifest.get("caption_templates"),
+            control_dir=(directory / control).resolve() if control else None,
+            defaults=manifest.get("defaults", {}),
+        )
+    if directory.is_dir() and (directory / "config.json").exists():
+        if clip is None:
+            raise BundleError(
+                f"{directory} holds a VLM but no CLIP text side: pass --clip with the CLIP "
+                "checkpoint whose vision tower it uses (e.g. openai/clip-vit-large-patch14-336)"
+            )
+        return load_pretrained(
+            str(directory), clip, name=directory.name, device=device, dtype=dtype
+        )
+    if model == OFFLINE_PRESET:
+        raise BundleError(
+            f"The offline model is missing from {ASSETS_DIR / OFFLINE_PRESET}; "
+            "rebuild it with `python -m lorsu_demo.toyworld.train --out assets`."
+        )
+    known = ", ".join([OFFLINE_PRESET, "tiny-random", *PRESETS])
+    raise BundleError(f"Unknown model '{model}': use one of {known}, or a local directory.")
+
+
+def model_choices() -> list[str]:
+    return [OFFLINE_PRESET, "tiny-random", *PRESETS]
+
+
+def env_model(default: str = OFFLINE_PRESET) -> str:
+    return os.environ.get("LORSU_MODEL", default)

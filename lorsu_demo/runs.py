@@ -1,0 +1,148 @@
+"""A run: a domain's classes split into sessions, trained one after the other on one history.
+
+The command line and the benchmarks use this; the app drives `run_session` directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import DataError, Domain, LabelledImages, load_domain, load_folder, plan_sessions
+from .evaluate import EvalSet
+from .events import Done, Stopped
+from .history import History
+from .methods import make_method
+from .session import run_session
+
+HISTORY_FILE = "history.lorsu"
+
+
+def load_control(directory: str | Path) -> LabelledImages:
+    directory = Path(directory)
+    test = directory / "test"
+    return load_folder(test if test.is_dir() else directory, f"control:{directory.name}")
+
+
+def control_sets(bundle, directories: list[str] | None) -> list[EvalSet]:
+    """The --control folders, or the model preset's default control set."""
+    if not directories and bundle.control_dir is not None and Path(bundle.control_dir).is_dir():
+        directories = [str(bundle.control_dir)]
+    sets = []
+    for directory in directories or []:
+        images = load_control(directory)
+        sets.append(EvalSet(images.name, images, images.classes, role="control"))
+    return sets
+
+
+@dataclass
+class RunPlan:
+    domain: Domain
+    target: EvalSet
+    controls: list[EvalSet]
+    sessions: list = field(default_factory=list)  # SessionPlan
+    session_sets: list[EvalSet] = field(default_factory=list)
+
+
+def plan_run(
+    bundle, data: str | Path, controls: list[str] | None, sessions: int, shots: int, seed: int
+) -> RunPlan:
+    domain = load_domain(data, seed=seed)
+    plans = plan_sessions(domain, sessions, shots, seed)
+    templates = domain.templates
+    target = EvalSet(domain.name, domain.test, domain.classes, templates, role="target")
+    session_sets = []
+    if len(plans) > 1:
+        for plan in plans:
+            images = domain.test.subset(plan.classes, f"{domain.name}:s{plan.index}")
+            if not images.items:
+                raise DataError(
+                    f"{domain.name}'s test set has no images of {', '.join(plan.classes)}."
+                )
+            session_sets.append(
+                EvalSet(images.name, images, domain.classes, templates, role="session")
+            )
+    return RunPlan(domain, target, control_sets(bundle, controls), plans, session_sets)
+
+
+def method_settings_for(bundle, method: str, overrides: dict) -> dict:
+    """The preset's defaults (tuned to its encoder), then what the user set."""
+    settings = {k: v for k, v in bundle.defaults.items()}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
+
+
+def run_sessions(
+    bundle,
+    history: History,
+    plan: RunPlan,
+    method: str,
+    settings: dict,
+    seed: int,
+    save_to: Path | None = None,
+) -> Iterator:
+    """Yield (session plan, event) for every event of every session; append records as they end."""
+    for session in plan.sessions:
+        trained = (
+            [plan.session_sets[session.index - 1].name] if plan.session_sets else [plan.target.name]
+        )
+        events = run_session(
+            bundle,
+            history,
+            make_method(method, **settings),
+            session.train,
+            target=plan.target,
+            controls=plan.controls,
+            extra_sets=plan.session_sets,
+            trained_sets=trained,
+            seed=seed * 1000 + session.index,
+            shots=None,
+        )
+        for event in events:
+            if isinstance(event, Done):
+                history.append(event.record)
+                if save_to is not None:
+                    history.save(save_to / HISTORY_FILE)
+            yield session, event
+            if isinstance(event, Stopped):
+                return
+
+
+def run_summary(history: History, plan_target: str, controls: list[str]) -> dict:
+    base_control = _mean([history.base[c] for c in controls])
+    sessions = []
+    for record in history.sessions:
+        summary = record.summary()
+        sessions.append(
+            {
+                "index": record.index,
+                "method": record.method,
+                "classes": record.classes,
+                "target_acc": record.accuracies[plan_target],
+                "control_acc": _mean([record.accuracies[c] for c in controls]),
+                "ti": record.ti,
+                "cc": record.cc,
+                "selected_heads": record.selected_heads,
+                "trainable_params": record.trainable_params,
+                "delta_bytes": record.delta_bytes,
+                "seconds": round(sum(record.seconds.values()), 3),
+                "seconds_by_phase": {k: round(v, 3) for k, v in record.seconds.items()},
+                "fc1_density": record.fc1_density,
+                "paper_params": summary["extra"].get("paper_params"),
+            }
+        )
+    last = history.sessions[-1] if history.sessions else None
+    return {
+        "model": history.model,
+        "base": {"target_acc": history.base.get(plan_target), "control_acc": base_control},
+        "sessions": sessions,
+        "final": {"ti": last.ti if last else 0.0, "cc": last.cc if last else 0.0},
+        "accuracy_matrix": history.matrix().to_dict(),
+    }
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None

@@ -1,0 +1,331 @@
+"""The session loop, shared by every method: a generator of events.
+
+The loop applies the user's history to the shared model, lets the method score and install its
+parameters, trains, merges, reads the delta at the method's footprint, evaluates, and always
+puts the shared model back exactly as it found it. Closing the generator (or `should_stop`)
+between events stops a session without leaving anything of it behind.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import Augment, LabelledImages, normalise, to_unit_pixels, validate
+from .delta import Delta, apply_stack, restore, snapshot
+from .evaluate import EvalSet, accuracy, ti_cc
+from .events import Done, Metrics, Phase, Scores, Step, Stopped
+from .history import History, SessionRecord
+from .losses import clip_loss, logit_norm_surrogate
+from .methods import Method
+
+
+@dataclass
+class SessionContext:
+    """What a method may use during its session."""
+
+    bundle: object
+    train: LabelledImages
+    classes: list[str]
+    templates: list[str]
+    seed: int
+    method: Method
+    carry: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.generator = torch.Generator().manual_seed(self.seed)
+        processor = self.bundle.clip_image_processor
+        self.unit_pixels = to_unit_pixels([i.image for i in self.train.items], processor)
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.label_ids = torch.tensor([index[i.label] for i in self.train.items])
+        self.text_bank = torch.stack(
+            [
+                self.bundle.text_features([t.format(label=c) for c in self.classes])
+                for t in self.templates
+            ]
+        )
+        self.augment = Augment()
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.method.hp["batch_size"])
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train) / self.batch_size)
+
+    def epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(normalised augmented pixels, label ids, caption feature per image), shuffled."""
+        order = torch.randperm(len(self.train), generator=self.generator)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start : start + self.batch_size]
+            pixels = normalise(
+                self.augment(self.unit_pixels[index], self.generator),
+                self.bundle.clip_image_processor,
+            )
+            template = torch.randint(
+                0, len(self.templates), (len(index),), generator=self.generator
+            )
+            labels = self.label_ids[index]
+            yield pixels, labels, self.text_bank[template, labels]
+
+    def loss(self, pixels, labels, texts, objective: str = "clip") -> torch.Tensor:
+        return OBJECTIVES[objective](self, pixels, labels, texts)
+
+    def importance_gradient(
+        self, names: list[str], objective: str = "clip"
+    ) -> dict[str, torch.Tensor]:
+        """Mean signed gradient of the objective over the session's images (no augmentation),
+        weighted by batch size; squaring, if any, is the caller's business."""
+        state = self.bundle.vision_state()
+        params = {n: state[n] for n in names}
+        for p in params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        limit = min(len(self.train), int(self.method.hp["max_importance_images"]))
+        pixels = normalise(self.unit_pixels[:limit], self.bundle.clip_image_processor)
+        labels = self.label_ids[:limit]
+        template = torch.arange(limit) % len(self.templates)
+        texts = self.text_bank[template, labels]
+        try:
+            for start in range(0, limit, self.batch_size):
+                part = slice(start, start + self.batch_size)
+                loss = self.loss(pixels[part], labels[part], texts[part], objective)
+                (loss * len(labels[part]) / limit).backward()
+            return {n: p.grad.detach().clone() for n, p in params.items()}
+        finally:
+            for p in params.values():
+                p.requires_grad_(False)
+                p.grad = None
+
+
+def _clip_objective(ctx, pixels, labels, texts):
+    features = ctx.bundle.image_features(pixels)
+    return clip_loss(
+        features,
+        texts.to(features.device),
+        labels.to(features.device),
+        ctx.bundle.logit_scale,
+        ctx.method.hp["multi_positive"],
+    )
+
+
+def _spu_objective(ctx, pixels, labels, texts):
+    features = ctx.bundle.image_features(pixels)
+    return logit_norm_surrogate(features, texts.to(features.device), ctx.bundle.logit_scale)
+
+
+OBJECTIVES: dict[str, Callable] = {"clip": _clip_objective, "spu": _spu_objective}
+
+
+def cosine_with_warmup(total: int, warmup_fraction: float) -> Callable[[int], float]:
+    """Per-step schedule. Step 0 already trains at lr/(warmup+1): no wasted zero-lr step."""
+    warmup = min(total - 1, math.ceil(warmup_fraction * total)) if total > 1 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def evaluation_steps(total: int, points: int) -> set[int]:
+    return {max(1, round(total * (i + 1) / points)) for i in range(points)} if points else set()
+
+
+def run_session(
+    bundle,
+    history: History,
+    method: Method,
+    train: LabelledImages,
+    *,
+    target: EvalSet,
+    controls: list[EvalSet] = (),
+    extra_sets: list[EvalSet] = (),
+    trained_sets: list[str] | None = None,
+    seed: int = 0,
+    shots: int | None = None,
+    templates: list[str] | None = None,
+    eval_points: int = 4,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator:
+    """Train one session on `train`; yield events; end with `Done(record)` or `Stopped`.
+
+    The history is only read: the caller appends the record (so a forked GPU worker can run
+    this and hand the record back). `record.extra["base"]` holds newly measured base accuracies.
+    """
+    validate(train)
+    controls, extra_sets = list(controls), list(extra_sets)
+    all_sets = [target, *controls, *extra_sets]
+    templates = templates or target.templates or bundle.caption_templates
+    index = len(history) + 1
+    seconds: dict[str, float] = {}
+    state = bundle.vision_state()
+    record = None
+    undo, session_undo, merged, trainable = [], [], False, []
+    bundle.lock.acquire()
+    try:
+        clock = time.perf_counter()
+        missing = [s for s in all_sets if s.name not in history.base]
+        new_base = {}
+        if missing:
+            yield Phase("base", "Measuring the untouched model on the new test sets")
+            new_base = {s.name: accuracy(bundle, s) for s in missing}
+        base = {**history.base, **new_base}
+        seconds["base"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        undo = apply_stack(state, history.deltas())
+        torch.manual_seed(seed)
+        ctx = SessionContext(
+            bundle,
+            train,
+            sorted(set(train.classes)),
+            templates,
+            seed,
+            method,
+            history.carry_for(method.name),
+        )
+        yield Phase(
+            "scoring", "Scoring heads: one pass over the images to see which parameters matter"
+        )
+        method.prepare(ctx)
+        scored = method.report(ctx)
+        yield Scores(
+            scored["head_scores"],
+            scored["selected_heads"],
+            scored["fc1_density"],
+            bundle.layers_read_by_vlm,
+        )
+        footprint = method.footprint(ctx)
+        session_undo = snapshot(state, footprint)
+        trainable = method.install(ctx)
+        seconds["scoring"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        total = int(method.hp["epochs"]) * ctx.steps_per_epoch()
+        optimizer = torch.optim.Adam(trainable, lr=float(method.hp["lr"]), weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_with_warmup(total, float(method.hp["warmup"]))
+        )
+        before = history.accuracies_after(len(history))
+        before = {**base, **before}
+        target_names = [target.name, *[c.name for c in controls]]
+        ti, cc = ti_cc(before, base, target.name, [c.name for c in controls])
+        yield Metrics(
+            0,
+            {n: before[n] for n in target_names},
+            before[target.name],
+            _control(before, controls),
+            ti,
+            cc,
+        )
+        yield Phase("training", f"Training {total} steps")
+        curve, live = [], []
+        eval_at = evaluation_steps(total, eval_points)
+        step = 0
+        for epoch in range(int(method.hp["epochs"])):
+            for pixels, labels, texts in ctx.epoch_batches():
+                if should_stop is not None and should_stop():
+                    yield Stopped(f"Stopped at step {step} of {total}: nothing changed.")
+                    return
+                bundle.clip.train()
+                lr = schedule.get_last_lr()[0]
+                loss = ctx.loss(pixels, labels, texts, method.objective)
+                extra = method.extra_loss(ctx)
+                if extra is not None:
+                    loss = loss + extra
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                method.shape_gradients()
+                optimizer.step()
+                method.after_step(lr)
+                schedule.step()
+                bundle.clip.eval()
+                step += 1
+                loss_value = float(loss.detach())
+                curve.append({"step": step, "loss": loss_value, "lr": lr})
+                yield Step(step, total, epoch + 1, loss_value, lr)
+                if step in eval_at and step < total:
+                    now = {s.name: accuracy(bundle, s) for s in [target, *controls]}
+                    ti, cc = ti_cc(now, base, target.name, [c.name for c in controls])
+                    live.append({"step": step, **now})
+                    yield Metrics(step, now, now[target.name], _control(now, controls), ti, cc)
+        seconds["training"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        yield Phase("merging", "Merging the update into the encoder")
+        method.merge(ctx, footprint)
+        merged = True
+        delta = Delta.read(state, footprint)
+        seconds["merging"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        yield Phase("evaluating", "Evaluating the adapted model")
+        accuracies = {s.name: accuracy(bundle, s) for s in all_sets}
+        ti, cc = ti_cc(accuracies, base, target.name, [c.name for c in controls])
+        live.append({"step": total, **{n: accuracies[n] for n in target_names}})
+        yield Metrics(
+            total,
+            {n: accuracies[n] for n in target_names},
+            accuracies[target.name],
+            _control(accuracies, controls),
+            ti,
+            cc,
+        )
+        seconds["evaluating"] = time.perf_counter() - clock
+        report = method.report(ctx)
+        record = SessionRecord(
+            index=index,
+            method=method.name,
+            settings=dict(method.hp),
+            target=target.name,
+            classes=ctx.classes,
+            shots=shots or max(train.counts().values()),
+            images=len(train),
+            seed=seed,
+            delta=delta,
+            accuracies=accuracies,
+            ti=ti,
+            cc=cc,
+            controls=[c.name for c in controls],
+            trained_sets=trained_sets if trained_sets is not None else [target.name],
+            head_scores=report["head_scores"],
+            selected_heads=report["selected_heads"],
+            layers_read=bundle.layers_read_by_vlm,
+            fc1_density=report["fc1_density"],
+            trainable_params=report["trainable_params"],
+            seconds=seconds,
+            curve=curve,
+            carry={k: v.detach().cpu() for k, v in method.carry().items()},
+            extra={
+                "base": new_base,
+                "live": live,
+                **{k: v for k, v in report.items() if k not in _REPORTED},
+            },
+        )
+    finally:
+        if not merged:
+            method.remove(ctx) if "ctx" in locals() else None
+        restore(state, session_undo)
+        restore(state, undo)
+        for param in trainable:
+            param.requires_grad_(False)
+            param.grad = None
+        bundle.clip.eval()
+        bundle.lock.release()
+    yield Done(f"Done: session {index} saved", record)
+
+
+_REPORTED = {"head_scores", "selected_heads", "fc1_density", "trainable_params"}
+
+
+def _control(accuracies, controls) -> float:
+    if not controls:
+        return float("nan")
+    return sum(accuracies[c.name] for c in controls) / len(controls)

@@ -1,0 +1,537 @@
+"""The toy world recipe: train a tiny CLIP and a tiny LLaVA from nothing, on CPU, and write assets.
+
+    python -m lorsu_demo.toyworld.train --out assets [--seed 0]
+
+1. Generate the base world (printed digits and filled shapes) and train a `CLIPModel` (both
+   towers and projections) with a symmetric, multi-positive InfoNCE loss on image-caption pairs.
+2. Build a `LlavaForConditionalGeneration` whose vision tower is the CLIP vision encoder (same
+   weights), freeze it, and train the projector and a small Llama on image-question-answer text in
+   LLaVA-1.5's prompt format: "What is in this image?" -> "a {label}", "Is this a {label}?" ->
+   yes/no, the 5-way multiple-choice prompt -> the letter, and the perplexity-variant prompt ->
+   "this is a {label}".
+3. Write `assets/toy/` (bundle.json, vlm/, clip/), `assets/control/`, `assets/domains/` and
+   `assets/LICENSES.md`.
+
+Everything is seeded; on 2 CPU cores the whole recipe takes about a quarter of an hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import pre_tokenizers
+from transformers import CLIPModel, LlavaForConditionalGeneration
+
+from lorsu_demo.tiny import (
+    BASE_WORDS,
+    IMAGE_TOKEN,
+    build_image_processor,
+    build_llava_processor,
+    build_word_tokenizer,
+    tiny_configs,
+)
+from lorsu_demo.toyworld.data import (
+    BASE_CLASSES,
+    CAPTION_TEMPLATE,
+    DIGITS,
+    DOMAINS,
+    IMAGE_SIZE,
+    SHAPES,
+    TRAIN_CAPTION_TEMPLATES,
+    base_dataset,
+    write_data,
+)
+
+PATCH_SIZE = 8
+SIZES = dict(
+    image_size=IMAGE_SIZE,
+    patch_size=PATCH_SIZE,
+    vision_hidden=128,
+    vision_layers=4,
+    vision_heads=8,
+    text_hidden=64,
+    text_layers=2,
+    llm_hidden=128,
+    llm_layers=4,
+    projection_dim=64,
+    max_text_positions=32,
+)
+NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+OPEN_QUESTIONS = [
+    "What is in this image?",
+    "What is shown in the image?",
+    "What is this?",
+    "What do you see in the image?",
+]
+YES_NO_QUESTIONS = ["Is this a {label}?", "Is there a {label} in the image?"]
+PPL_PROMPT = "Based on the image, respond to this question with a short answer: {question}"
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."
+LETTERS = "ABCDE"
+
+# LoRSU hyperparameters that suit this tiny encoder (LLaVA-scale uses lr 1e-5); see the report
+# of `python -m lorsu_demo.toyworld.check`.
+DEFAULTS = {"lr": 1e-4, "epochs": 5, "batch_size": 16}
+
+
+def mc_prompt(question: str, options: list[str]) -> str:
+    lines = [question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)] + [MC_SUFFIX]
+    return "\n".join(lines)
+
+
+def vocabulary() -> list[str]:
+    """Every word the prompts, captions and answers use (BASE_WORDS first)."""
+    texts = list(TRAIN_CAPTION_TEMPLATES) + OPEN_QUESTIONS + YES_NO_QUESTIONS
+    texts += [PPL_PROMPT, MC_SUFFIX, "this is a", "yes no", "do you see", "an image of"]
+    words = list(BASE_WORDS)
+    split = pre_tokenizers.Whitespace()
+    for text in texts:
+        for word, _ in split.pre_tokenize_str(
+            text.replace("{label}", "").replace("{question}", "")
+        ):
+            words.append(word.lower())
+    words += BASE_CLASSES
+    seen: dict[str, None] = {}
+    for w in words:
+        seen.setdefault(w, None)
+    return list(seen)
+
+
+def build_models(seed: int):
+    words = vocabulary()
+    tokenizer = build_word_tokenizer(words)
+    clip_tokenizer = build_word_tokenizer(
+        words, model_max_length=SIZES["max_text_positions"], add_eos=True
+    )
+    assert tokenizer.get_vocab() == clip_tokenizer.get_vocab()
+    clip_config, llava_config = tiny_configs(
+        vocab_size=len(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **SIZES,
+    )
+    torch.manual_seed(seed)
+    clip = CLIPModel(clip_config)
+    vlm = LlavaForConditionalGeneration(llava_config)
+    # Eager attention is the faster kernel on CPU at these sequence lengths (about 17-70 tokens).
+    clip.set_attn_implementation("eager")
+    vlm.set_attn_implementation("eager")
+    processor = build_llava_processor(tokenizer, IMAGE_SIZE, PATCH_SIZE)
+    return clip, vlm, clip_tokenizer, tokenizer, processor
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] pixels -> CLIP-normalised pixel_values (what CLIPImageProcessor gives at 32 px)."""
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random resized crop (scale 0.8-1, small shift), colour jitter (p=0.8), greyscale (p=0.2)."""
+    n = x.shape[0]
+
+    def u(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(*(shape or (n,)), generator=gen)
+
+    s = u(0.8, 1.0).sqrt()
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = s
+    theta[:, 1, 1] = s
+    theta[:, :, 2] = (torch.rand(n, 2, generator=gen) * 2 - 1) * (1 - s[:, None] + 0.06)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    jitter = (torch.rand(n, generator=gen) < 0.8).float().view(n, 1, 1, 1)
+    grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    b = u(0.7, 1.3).view(n, 1, 1, 1)
+    c = u(0.7, 1.3).view(n, 1, 1, 1)
+    sat = u(0.6, 1.4).view(n, 1, 1, 1)
+    y = x * b
+    mean = y.mean(dim=(1, 2, 3), keepdim=True)
+    y = (y - mean) * c + mean
+    g = (y * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    y = g + (y - g) * sat
+    x = jitter * y + (1 - jitter) * x
+    to_grey = (torch.rand(n, generator=gen) < 0.2).float().view(n, 1, 1, 1)
+    grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = to_grey * grey.expand_as(x) + (1 - to_grey) * x
+    return x.clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP
+
+
+def clip_features(clip: CLIPModel, pixel_values=None, input_ids=None, attention_mask=None):
+    out = []
+    if pixel_values is not None:
+        v = clip.visual_projection(clip.vision_model(pixel_values=pixel_values).pooler_output)
+        out.append(F.normalize(v, dim=-1))
+    if input_ids is not None:
+        t = clip.text_projection(
+            clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        )
+        out.append(F.normalize(t, dim=-1))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def multi_positive_clip_loss(img, txt, labels, scale: float) -> torch.Tensor:
+    logits = scale * img @ txt.T
+    pos = (labels[:, None] == labels[None, :]).float()
+    target = pos / pos.sum(1, keepdim=True)
+    li = -(target * logits.log_softmax(1)).sum(1).mean()
+    lt = -(target * logits.T.log_softmax(1)).sum(1).mean()
+    return (li + lt) / 2
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_clip(clip, clip_tokenizer, images, labels, *, steps, batch, lr, seed, log=print):
+    gen = torch.Generator().manual_seed(seed)
+    pixels = to_pixels(images)
+    labels_t = torch.from_numpy(labels)
+    caps = [[t.format(label=c) for t in TRAIN_CAPTION_TEMPLATES] for c in BASE_CLASSES]
+    enc = clip_tokenizer(sum(caps, []), padding="max_length", max_length=16, return_tensors="pt")
+    n_t = len(TRAIN_CAPTION_TEMPLATES)
+    ids = enc.input_ids.view(len(BASE_CLASSES), n_t, -1)
+    mask = enc.attention_mask.view(len(BASE_CLASSES), n_t, -1)
+    clip.logit_scale.requires_grad_(False)  # fixed at 100, OpenAI CLIP's trained value
+    scale = clip.logit_scale.exp().item()
+    params = [p for p in clip.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, steps // 20))
+    clip.train()
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(len(pixels), (batch,), generator=gen)
+        y = labels_t[idx]
+        tmpl = torch.randint(n_t, (batch,), generator=gen)
+        pv = normalize(augment(pixels[idx], gen))
+        img, txt = clip_features(clip, pv, ids[y, tmpl], mask[y, tmpl])
+        loss = multi_positive_clip_loss(img, txt, y, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"clip step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    clip.eval()
+
+
+@torch.no_grad()
+def clip_zero_shot(clip, clip_tokenizer, images, labels, classes, template=CAPTION_TEMPLATE):
+    enc = clip_tokenizer(
+        [template.format(label=c) for c in classes], padding=True, return_tensors="pt"
+    )
+    txt = clip_features(clip, input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+    pixels = normalize(to_pixels(images))
+    preds = []
+    for i in range(0, len(pixels), 256):
+        img = clip_features(clip, pixels[i : i + 256])
+        preds.append((img @ txt.T).argmax(1))
+    return (torch.cat(preds).numpy() == labels).mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA
+
+
+def sample_qa(label: str, rng: random.Random) -> tuple[str, str]:
+    """One training (question, answer) for an image of `label`."""
+    r = rng.random()
+    if r < 0.25:
+        return rng.choice(OPEN_QUESTIONS), f"a {label}"
+    if r < 0.35:
+        return PPL_PROMPT.format(question=rng.choice(OPEN_QUESTIONS)), f"this is a {label}"
+    if r < 0.6:
+        if rng.random() < 0.5:
+            asked, answer = label, "yes"
+        else:
+            family = DIGITS if label in DIGITS else SHAPES
+            pool = family if rng.random() < 0.7 else BASE_CLASSES
+            asked, answer = rng.choice([c for c in pool if c != label]), "no"
+        return rng.choice(YES_NO_QUESTIONS).format(label=asked), answer
+    family = DIGITS if label in DIGITS else SHAPES
+    pool = family if rng.random() < 0.7 else BASE_CLASSES
+    options = rng.sample([c for c in pool if c != label], 4) + [label]
+    rng.shuffle(options)
+    return mc_prompt(rng.choice(OPEN_QUESTIONS), options), LETTERS[options.index(label)]
+
+
+def chat_prompt(processor, question: str) -> str:
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    ]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+class QAEncoder:
+    """Tokenises (question, answer) pairs into LLaVA inputs with the image token expanded."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.image_id = self.tok.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    def __call__(self, pairs: list[tuple[str, str]]):
+        seqs, labels = [], []
+        for q, a in pairs:
+            prompt = self.tok(chat_prompt(self.processor, q)).input_ids
+            answer = self.tok(a, add_special_tokens=False).input_ids + [self.tok.eos_token_id]
+            k = prompt.index(self.image_id)
+            prompt = prompt[:k] + [self.image_id] * NUM_IMAGE_TOKENS + prompt[k + 1 :]
+            seqs.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        width = max(map(len, seqs))
+        pad = self.tok.pad_token_id
+        ids = torch.full((len(seqs), width), pad)
+        lab = torch.full((len(seqs), width), -100)
+        att = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (s, lb) in enumerate(zip(seqs, labels)):
+            ids[i, : len(s)] = torch.tensor(s)
+            lab[i, : len(s)] = torch.tensor(lb)
+            att[i, : len(s)] = 1
+        return ids, att, lab
+
+
+@torch.no_grad()
+def vision_feature_cache(vlm, images: np.ndarray) -> torch.Tensor:
+    """The frozen tower's LLaVA features (layer -2, patch tokens), before the projector."""
+    tower = vlm.model.vision_tower
+    pixels = normalize(to_pixels(images))
+    out = []
+    for i in range(0, len(pixels), 256):
+        hs = tower(pixel_values=pixels[i : i + 256], output_hidden_states=True).hidden_states
+        out.append(hs[vlm.config.vision_feature_layer][:, 1:])
+    return torch.cat(out)
+
+
+def llava_logits_from_features(vlm, feats, input_ids, attention_mask):
+    """LLaVA's forward with the vision tower's output given (same maths as vlm(...))."""
+    embeds = vlm.get_input_embeddings()(input_ids)
+    image = vlm.model.multi_modal_projector(feats).to(embeds.dtype)
+    mask = (input_ids == vlm.config.image_token_index).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(mask, image.reshape(-1))
+    hidden = vlm.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
+    return vlm.lm_head(hidden.last_hidden_state)
+
+
+def answer_loss(logits, labels):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def train_llm(vlm, processor, feats, labels, *, steps, batch, lr, seed, log=print):
+    vlm.model.vision_tower.requires_grad_(False)
+    params = [p for n, p in vlm.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, steps // 20))
+    encoder = QAEncoder(processor)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    vlm.train()
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(len(feats), (batch,), generator=gen)
+        pairs = [sample_qa(BASE_CLASSES[labels[i]], rng) for i in idx.tolist()]
+        ids, att, lab = encoder(pairs)
+        logits = llava_logits_from_features(vlm, feats[idx], ids, att)
+        loss = answer_loss(logits, lab)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"llm step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    vlm.eval()
+
+
+@torch.no_grad()
+def vlm_answers(vlm, processor, images: np.ndarray, questions: list[str], max_new_tokens=4):
+    """Greedy answers through the processor and its chat template (batched, left padding)."""
+    tok = processor.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    answers = []
+    try:
+        for i in range(0, len(images), 64):
+            prompts = [chat_prompt(processor, q) for q in questions[i : i + 64]]
+            inputs = processor(
+                images=list(images[i : i + 64]), text=prompts, return_tensors="pt", padding=True
+            )
+            out = vlm.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+            answers += tok.batch_decode(
+                out[:, inputs.input_ids.shape[1] :], skip_special_tokens=True
+            )
+    finally:
+        tok.padding_side = side
+    return [a.strip() for a in answers]
+
+
+def mc_questions(labels: np.ndarray, classes: list[str], seed: int, question=OPEN_QUESTIONS[0]):
+    """The 5-way multiple-choice prompts for a set: 4 distractors from its other classes."""
+    rng = random.Random(seed)
+    prompts, letters = [], []
+    for y in labels:
+        label = classes[int(y)]
+        options = rng.sample([c for c in classes if c != label], 4) + [label]
+        rng.shuffle(options)
+        prompts.append(mc_prompt(question, options))
+        letters.append(LETTERS[options.index(label)])
+    return prompts, letters
+
+
+def vlm_mc_accuracy(vlm, processor, images, labels, classes, seed=0) -> float:
+    prompts, letters = mc_questions(labels, classes, seed)
+    answers = vlm_answers(vlm, processor, images, prompts, max_new_tokens=2)
+    return float(np.mean([a.lower() == x.lower() for a, x in zip(answers, letters)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_bundle(out: Path, clip, clip_tokenizer, vlm, processor, defaults: dict, seed: int):
+    toy = Path(out) / "toy"
+    if toy.exists():
+        shutil.rmtree(toy)
+    (toy / "vlm").mkdir(parents=True)
+    (toy / "clip").mkdir(parents=True)
+    vlm.half().save_pretrained(toy / "vlm")
+    processor.save_pretrained(toy / "vlm")
+    clip.half().save_pretrained(toy / "clip")
+    clip_tokenizer.save_pretrained(toy / "clip")
+    build_image_processor(IMAGE_SIZE).save_pretrained(toy / "clip")
+    vlm.float()
+    clip.float()
+    bundle = {
+        "format": "lorsu-demo-bundle",
+        "version": 1,
+        "name": "toy",
+        "vlm": "vlm",
+        "clip": "clip",
+        "caption_templates": [CAPTION_TEMPLATE],
+        "control": "../control",
+        "defaults": defaults,
+        "description": (
+            "Offline toy world: a tiny CLIP (ViT 32 px, patch 8, 4 layers, width 128, 8 heads) and "
+            "a tiny LLaVA-1.5-style VLM (same vision tower, 2-layer MLP projector, 4-layer Llama "
+            "of width 128) trained from scratch on CPU on printed digits and filled shapes. "
+            f"Classes: {', '.join(BASE_CLASSES)}. Example domains: {', '.join(DOMAINS)}. "
+            f"Rebuild with `python -m lorsu_demo.toyworld.train --out assets --seed {seed}`."
+        ),
+    }
+    (toy / "bundle.json").write_text(json.dumps(bundle, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", default="assets", type=Path)
+    ap.add_argument("--seed", default=0, type=int)
+    ap.add_argument(
+        "--data-only", action="store_true", help="write control/, domains/ and LICENSES.md only"
+    )
+    ap.add_argument("--clip-images", default=600, type=int, help="base images per class for CLIP")
+    ap.add_argument("--clip-steps", default=1500, type=int)
+    ap.add_argument("--llm-images", default=400, type=int, help="base images per class for the LLM")
+    ap.add_argument("--llm-steps", default=2500, type=int)
+    ap.add_argument("--threads", default=2, type=int)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_data(args.out, args.seed)
+    log(f"wrote control/, domains/ and LICENSES.md under {args.out}")
+    if args.data_only:
+        return
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    clip, vlm, clip_tok, _, processor = build_models(args.seed)
+    images, labels = base_dataset(args.clip_images, args.seed, split="clip")
+    log(f"{len(images)} base images for CLIP")
+    train_clip(
+        clip,
+        clip_tok,
+        images,
+        labels,
+        steps=args.clip_steps,
+        batch=128,
+        lr=1e-3,
+        seed=args.seed,
+        log=log,
+    )
+    ctrl_images, ctrl_labels = base_dataset(20, args.seed, split="control")
+    log(
+        f"CLIP zero-shot on control: {clip_zero_shot(clip, clip_tok, ctrl_images, ctrl_labels, BASE_CLASSES):.3f}"
+    )
+
+    vlm.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    images, labels = base_dataset(args.llm_images, args.seed, split="llm")
+    feats = vision_feature_cache(vlm, images)
+    log(f"{len(images)} base images for the LLM, features {tuple(feats.shape)}")
+    train_llm(
+        vlm,
+        processor,
+        feats,
+        labels,
+        steps=args.llm_steps,
+        batch=64,
+        lr=1e-3,
+        seed=args.seed,
+        log=log,
+    )
+    log(
+        f"VLM multiple choice on control: {vlm_mc_accuracy(vlm, processor, ctrl_images, ctrl_labels, BASE_CLASSES):.3f}"
+    )
+
+    save_bundle(args.out, clip, clip_tok, vlm, processor, DEFAULTS, args.seed)
+    log(f"wrote {args.out / 'toy'}")
+
+
+if __name__ == "__main__":
+    main()
