@@ -83,8 +83,10 @@ class Bundle:
     control_dir: Path | None = None
     defaults: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
-    # One lane: deltas are applied to the shared weights for the duration of a call.
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    # One lane: deltas are applied to the shared weights for the duration of a call. A plain
+    # Lock (not an RLock) because a session generator may be resumed on another thread; take
+    # it only at entry points (sessions, chat, export), never inside the library.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def vision(self) -> nn.Module:
@@ -288,6 +290,12 @@ def load_bundle(
     """Load a preset name, a bundle directory (with bundle.json) or a LLaVA checkpoint directory."""
     if model == "tiny-random":
         return build_tiny_random(seed=seed, device=str(device) if device else "cpu")
+    bundle = _load_bundle(model, device=device, dtype=dtype, clip=clip)
+    bundle.source["model"] = model
+    return bundle
+
+
+def _load_bundle(model: str, *, device, dtype, clip) -> Bundle:
     if model in PRESETS:
         preset = PRESETS[model]
         return load_pretrained(
