@@ -344,4 +344,9 @@ def model_choices() -> list[str]:
 
 
 def env_model(default: str = OFFLINE_PRESET) -> str:
-    return os.environ.get("LORSU_MODEL", default)
+    """LORSU_MODEL if set; real LLaVA-1.5-7B on a Hugging Face Space with a GPU; else `toy`."""
+    if os.environ.get("LORSU_MODEL"):
+        return os.environ["LORSU_MODEL"]
+    if os.environ.get("SPACE_ID") and torch.cuda.is_available():
+        return "llava-1.5-7b"
+    return default
