@@ -82,7 +82,9 @@ def cmd_train(args) -> int:
         if v is not None and (k in known or k in (args.set_keys or []))
     }
     settings = method_settings_for(bundle, args.method, settings)
-    plan = plan_run(bundle, args.data, args.control, args.sessions, args.shots, args.seed)
+    plan = plan_run(
+        bundle, args.data, args.control, args.sessions, args.shots, args.seed, args.template
+    )
     history = History(model=bundle.source)
     out.mkdir(parents=True, exist_ok=True)
     say(

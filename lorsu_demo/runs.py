@@ -10,7 +10,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import DataError, Domain, LabelledImages, load_domain, load_folder, plan_sessions
+from .data import (
+    DataError,
+    Domain,
+    LabelledImages,
+    load_domain,
+    load_folder,
+    plan_sessions,
+)
 from .evaluate import EvalSet
 from .events import Done, Stopped
 from .history import History
