@@ -2,10 +2,12 @@
 
 from .base import COMMON_DEFAULTS, Method, MethodError
 from .baselines import SPU, FullFineTune, LoRA
+from .keeplora import KeepLoRA, KeepLoRAPlus
 from .lorsu import LoRSU, LoRSUAllHeads, LoRSURandom
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (LoRSU, LoRSURandom, LoRSUAllHeads, LoRA, SPU, FullFineTune)
+    cls.name: cls
+    for cls in (LoRSU, LoRSURandom, LoRSUAllHeads, LoRA, SPU, FullFineTune, KeepLoRA, KeepLoRAPlus)
 }
 
 
