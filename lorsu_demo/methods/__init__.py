@@ -2,12 +2,23 @@
 
 from .base import COMMON_DEFAULTS, Method, MethodError
 from .baselines import SPU, FullFineTune, LoRA
+from .dac import DAC
 from .keeplora import KeepLoRA, KeepLoRAPlus
 from .lorsu import LoRSU, LoRSUAllHeads, LoRSURandom
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (LoRSU, LoRSURandom, LoRSUAllHeads, LoRA, SPU, FullFineTune, KeepLoRA, KeepLoRAPlus)
+    for cls in (
+        LoRSU,
+        LoRSURandom,
+        LoRSUAllHeads,
+        LoRA,
+        SPU,
+        FullFineTune,
+        KeepLoRA,
+        KeepLoRAPlus,
+        DAC,
+    )
 }
 
 
