@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -176,7 +178,31 @@ def _is_hub_id(ref: str) -> bool:
     return not Path(ref).exists() and ref.count("/") == 1 and not ref.startswith((".", "/"))
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, instead of the hub client's minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached(ref: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(ref, "config.json"), str)
+
+
 def _from_pretrained(loader, ref: str, **kwargs):
+    if _is_hub_id(ref) and not _cached(ref) and not _hub_reachable():
+        raise BundleError(
+            f"Cannot download '{ref}': the Hugging Face Hub is not reachable from here. "
+            f"Use --model {OFFLINE_PRESET} (the offline default) or a local directory "
+            "that holds the checkpoint."
+        )
     try:
         return loader.from_pretrained(ref, **kwargs)
     except OSError as err:
