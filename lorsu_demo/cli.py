@@ -91,7 +91,7 @@ def cmd_train(args) -> int:
         f"{bundle.name}: {args.method} on {plan.domain.name}, {len(plan.sessions)} session(s), {args.shots} shots per class"
     )
     for session, event in run_sessions(
-        bundle, history, plan, args.method, settings, args.seed, save_to=out
+        bundle, history, plan, args.method, settings, args.seed, save_to=out, reader=args.eval
     ):
         line = describe(event, session, len(plan.sessions))
         if line and (
@@ -202,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder (history file and run.json)")
     train.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     train.add_argument("--verbose", action="store_true", help="print every step")
+    train.add_argument(
+        "--eval",
+        default="clip",
+        choices=["clip", "mc", "open"],
+        help="accuracy reader for TI/CC: CLIP zero-shot, or the VLM's answers (multiple choice, open)",
+    )
     train.set_defaults(func=cmd_train)
 
     export = commands.add_parser("export", help="write the VLM as it was after a session")

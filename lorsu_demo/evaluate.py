@@ -155,3 +155,6 @@ class AccuracyMatrix:
             "forgetting": self.forgetting(),
             **self.summary(),
         }
+
+
+from . import vqa  # noqa: E402,F401  (registers the VLM readers "mc" and "open")

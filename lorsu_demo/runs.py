@@ -89,6 +89,7 @@ def run_sessions(
     settings: dict,
     seed: int,
     save_to: Path | None = None,
+    reader: str = "clip",
 ) -> Iterator:
     """Yield (session plan, event) for every event of every session; append records as they end."""
     for session in plan.sessions:
@@ -106,6 +107,7 @@ def run_sessions(
             trained_sets=trained,
             seed=seed * 1000 + session.index,
             shots=None,
+            reader=reader,
         )
         for event in events:
             if isinstance(event, Done):

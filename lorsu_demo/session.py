@@ -152,6 +152,7 @@ def run_session(
     shots: int | None = None,
     templates: list[str] | None = None,
     eval_points: int = 4,
+    reader: str = "clip",
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator:
     """Train one session on `train`; yield events; end with `Done(record)` or `Stopped`.
@@ -175,7 +176,7 @@ def run_session(
         new_base = {}
         if missing:
             yield Phase("base", "Measuring the untouched model on the new test sets")
-            new_base = {s.name: accuracy(bundle, s) for s in missing}
+            new_base = {s.name: accuracy(bundle, s, reader) for s in missing}
         base = {**history.base, **new_base}
         seconds["base"] = time.perf_counter() - clock
 
@@ -252,7 +253,7 @@ def run_session(
                 curve.append({"step": step, "loss": loss_value, "lr": lr})
                 yield Step(step, total, epoch + 1, loss_value, lr)
                 if step in eval_at and step < total:
-                    now = {s.name: accuracy(bundle, s) for s in [target, *controls]}
+                    now = {s.name: accuracy(bundle, s, reader) for s in [target, *controls]}
                     ti, cc = ti_cc(now, base, target.name, [c.name for c in controls])
                     live.append({"step": step, **now})
                     yield Metrics(step, now, now[target.name], _control(now, controls), ti, cc)
@@ -267,7 +268,7 @@ def run_session(
 
         clock = time.perf_counter()
         yield Phase("evaluating", "Evaluating the adapted model")
-        accuracies = {s.name: accuracy(bundle, s) for s in all_sets}
+        accuracies = {s.name: accuracy(bundle, s, reader) for s in all_sets}
         ti, cc = ti_cc(accuracies, base, target.name, [c.name for c in controls])
         live.append({"step": total, **{n: accuracies[n] for n in target_names}})
         yield Metrics(
@@ -305,6 +306,7 @@ def run_session(
             carry={k: v.detach().cpu() for k, v in method.carry().items()},
             extra={
                 "base": new_base,
+                "reader": reader,
                 "live": live,
                 **{k: v for k, v in report.items() if k not in _REPORTED},
             },
@@ -329,3 +331,8 @@ def _control(accuracies, controls) -> float:
     if not controls:
         return float("nan")
     return sum(accuracies[c.name] for c in controls) / len(controls)
+
+
+from .vqa import answer_loss  # noqa: E402
+
+OBJECTIVES["ppl"] = answer_loss  # LoRSU-Ppl: the VLM's answer loss

@@ -41,3 +41,4 @@ def method_settings(name: str) -> dict:
 
 
 __all__ = ["METHODS", "Method", "MethodError", "make_method", "method_settings", "register"]
+from . import ppl  # noqa: E402,F401  (registers lorsu-ppl)

@@ -40,7 +40,7 @@ class LoRSU(Method):
             raise ValueError(f"heads must be between 1 and {heads} for this encoder, not {k}")
         names = [state_name(l, f"self_attn.{p}.weight") for l in layers for p in QKV]
         names += [state_name(l, "mlp.fc1.weight") for l in layers]
-        grads = ctx.importance_gradient(names)
+        grads = ctx.importance_gradient(names, self.objective)
         self.head_scores = torch.zeros(bundle.num_layers, heads)
         for l in layers:
             for p in QKV:
