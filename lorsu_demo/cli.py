@@ -254,3 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("stopped: the sessions completed before the interruption are saved")
         return 130
+
+
+from .ui import cli as _app_command  # noqa: E402,F401  (registers `python -m lorsu_demo app`)

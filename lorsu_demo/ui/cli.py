@@ -1,0 +1,44 @@
+"""`python -m lorsu_demo app`: registers itself in `lorsu_demo.cli.EXTENSIONS` on import.
+
+Importing this module does not import Gradio; the app is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+from .. import cli as _cli
+
+
+def add_app_command(commands) -> None:
+    parser = commands.add_parser(
+        "app", help="serve the Gradio app (teach, watch, chat, roll back) in a browser"
+    )
+    _add_arguments(parser)
+    parser.set_defaults(func=_run)
+
+
+def _add_arguments(parser) -> None:
+    # Kept in sync with lorsu_demo.ui.app.add_arguments, without importing gradio here.
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="preset, bundle folder or LLaVA folder (default: $LORSU_MODEL or toy)",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--domains", default=None, help="folder of example domains")
+    parser.add_argument("--control", action="append", help="control set folder (repeatable)")
+    parser.add_argument(
+        "--host", default=None, help="address to serve on (default: $GRADIO_SERVER_NAME)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)"
+    )
+
+
+def _run(args) -> int:
+    from .app import run
+
+    return run(args)
+
+
+if add_app_command not in _cli.EXTENSIONS:
+    _cli.EXTENSIONS.append(add_app_command)

@@ -1,0 +1,519 @@
+"""What the app does, without Gradio: the actions behind every button and API endpoint.
+
+`AppCore` holds the shared model, the example data and every browser session's workspace.
+Its methods take a workspace key (Gradio's `session_hash`) and plain values, and give plain
+values back; user mistakes raise `UserError` with a message meant for the screen. The Gradio
+layer (`app.py`) only maps these to components, so the tests can drive everything without a
+server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data import DataError, open_image
+from ..events import Done, Metrics, Phase, Scores, Step, Stopped
+from ..history import History, HistoryError
+from ..methods import METHODS, MethodError
+from ..model import ASSETS_DIR, Bundle
+from ..runs import control_sets
+from . import engine, uploads
+from .engine import ProbeAnswers
+from .workspace import Dataset, Examples, Store, Workspace
+
+log = logging.getLogger("lorsu_demo.ui")
+
+USER_ERRORS = (DataError, HistoryError, MethodError, ValueError)
+
+
+class UserError(Exception):
+    """A problem the person can fix; the message says how."""
+
+
+@dataclass
+class Live:
+    """Everything the live view shows, updated event by event."""
+
+    status: str = "Starting"
+    tone: str = "busy"  # info | busy | done | stopped | error
+    phase: str = "queued"
+    method: str = ""
+    data: str = ""
+    total: int | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    accuracy: list[dict] = field(default_factory=list)
+    base_target: float | None = None
+    base_control: float | None = None
+    ti: float | None = None
+    cc: float | None = None
+    target_now: float | None = None
+    control_now: float | None = None
+    scores: Scores | None = None
+    probes: list = field(default_factory=list)
+    answers: dict[str, list[str]] = field(default_factory=dict)
+    finished: bool = False
+    saved: int | None = None  # the session index, when one was saved
+
+    def on(self, event) -> None:
+        if isinstance(event, Phase):
+            self.phase = event.name
+            self.status = {
+                "base": "Measuring the untouched base model on the test sets…",
+                "scoring": "Scoring heads: one pass over your images to find what matters…",
+                "training": f"{event.message}…",
+                "merging": "Merging the update into the image encoder…",
+                "evaluating": "Evaluating the adapted model on every test set…",
+            }.get(event.name, event.message)
+        elif isinstance(event, Scores):
+            self.scores = event
+        elif isinstance(event, Step):
+            self.phase = "training"
+            self.total = event.total
+            self.losses.append((event.step, event.loss))
+            self.status = (
+                f"Step {event.step} of {event.total} (epoch {event.epoch}) · loss {event.loss:.3f}"
+            )
+        elif isinstance(event, Metrics):
+            control = event.control_acc if _finite(event.control_acc) else None
+            if self.base_target is None:
+                self.base_target = event.target_acc - event.ti
+                self.base_control = control - event.cc if control is not None else None
+            self.accuracy.append(
+                {"step": event.step, "target": event.target_acc, "control": control}
+            )
+            self.ti, self.target_now = event.ti, event.target_acc
+            self.cc, self.control_now = (event.cc, control) if control is not None else (None, None)
+        elif isinstance(event, ProbeAnswers):
+            self.answers.update(event.answers)
+            if event.stage == "before":
+                self.status = "Asking the probe images before training…"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class AppCore:
+    def __init__(
+        self,
+        bundle: Bundle,
+        notice: str | None = None,
+        domains_dir: str | Path | None = None,
+        control_dirs: list[str] | None = None,
+        work_dir: str | Path | None = None,
+    ):
+        self.bundle = engine.use_model(bundle, notice)
+        self.notice = notice
+        self.examples = Examples(Path(domains_dir) if domains_dir else ASSETS_DIR / "domains")
+        self.controls = control_sets(bundle, control_dirs)
+        self.store = Store(bundle.source)
+        base = Path(work_dir) if work_dir else Path(tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        self.work_dir = Path(tempfile.mkdtemp(prefix="lorsu-app-", dir=base))
+
+    # ---- workspaces ------------------------------------------------------------------------
+    def workspace(self, key: str | None) -> Workspace:
+        if key not in self.store:
+            self.store.sweep()
+        return self.store.get(key)
+
+    def close(self, key: str | None) -> None:
+        """A browser tab closed: forget its workspace (a running session is stopped first)."""
+        self.store.drop(key)
+        folder = self._folder(key, create=False)
+        if key not in self.store and folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _folder(self, key: str | None, create: bool = True) -> Path:
+        digest = hashlib.sha256((key or "local").encode()).hexdigest()[:16]
+        folder = self.work_dir / digest
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    # ---- data ------------------------------------------------------------------------------
+    def example_choices(self) -> list[tuple[str, str]]:
+        return [(title, name) for name, title in self.examples.titles().items()]
+
+    def dataset(self, ws: Workspace, name: str | None) -> Dataset:
+        name = (name or ws.selected or "").strip()
+        if not name:
+            raise UserError("Pick example data or upload your own images first (step 1).")
+        if name == "uploaded":
+            if not ws.uploads:
+                raise UserError("No images uploaded in this session yet.")
+            return ws.uploads[list(ws.uploads)[-1]]
+        if name in ws.uploads:
+            return ws.uploads[name]
+        try:
+            return self.examples.get(name)
+        except DataError as err:
+            raise UserError(str(err)) from None
+
+    def select(self, key: str | None, name: str) -> Dataset:
+        ws = self.workspace(key)
+        try:
+            data = self.dataset(ws, name)
+        except DataError as err:  # a damaged example folder
+            raise UserError(str(err)) from None
+        ws.selected = data.name
+        return data
+
+    def upload(
+        self,
+        key: str | None,
+        cards: list[uploads.Card] = (),
+        zip_path: str | None = None,
+        files: list[str] = (),
+    ) -> Dataset:
+        """Check what was uploaded and make it this workspace's selected data."""
+        ws = self.workspace(key)
+        try:
+            test = None
+            if zip_path:
+                images, test = uploads.read_zip(zip_path)
+            elif files:
+                images = uploads.from_named_files(list(files))
+            elif any(c.name.strip() or c.files for c in cards):
+                images = uploads.from_cards(list(cards))
+            else:
+                raise UserError(
+                    "Nothing to use yet: fill at least two class cards, or add a zip or "
+                    "named image files."
+                )
+            name = f"my images {ws.uploads_made + 1}"
+            domain = uploads.make_domain(name, images, test)
+        except DataError as err:
+            raise UserError(str(err)) from None
+        ws.uploads_made += 1
+        title = f"Your images ({len(domain.train)} to train, {len(domain.test)} to test)"
+        data = Dataset.of(domain, title)
+        ws.uploads[name] = data
+        ws.selected = name
+        return data
+
+    def _extra_sets(self, ws: Workspace, data: Dataset) -> list:
+        """Every other example domain and the uploads already trained: the accuracy matrix then
+        shows transfer before a set is trained and forgetting after."""
+        skip = {data.name, *(c.name for c in self.controls)}
+        sets = []
+        for name in self.examples.names():
+            if name not in skip:
+                try:
+                    sets.append(self.examples.get(name).target)
+                except DataError:
+                    log.warning("example domain %s cannot be loaded; skipped", name)
+        for name, upload in ws.uploads.items():
+            if name not in skip and name in ws.history.base:
+                sets.append(upload.target)
+        return sets
+
+    # ---- training --------------------------------------------------------------------------
+    def train(
+        self,
+        key: str | None,
+        data_name: str | None,
+        method: str,
+        shots: int,
+        epochs: int,
+        settings: dict | None = None,
+    ) -> Iterator[tuple[object, Live]]:
+        """Run one session; yield (event, live view) pairs. Ends with a `Done`, a `Stopped` or
+        an "error" event. The session's record is appended here when it completes; a stop
+        (`ws.stop`) or a closed generator leaves the history and the model as they were."""
+        ws = self.workspace(key)
+        live = Live()
+        try:
+            if ws.busy:
+                raise UserError(
+                    "A session is already running in this tab: wait for it or press Stop."
+                )
+            data = self.dataset(ws, data_name)
+            if method not in METHODS:
+                raise UserError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
+            values = {**engine.settings_for(self.bundle, method), **(settings or {})}
+            values["epochs"] = epochs if epochs else values.get("epochs")
+            settings = engine.clean_settings(method, values)
+            shots = int(shots or 5)
+            most = data.max_shots()
+            if shots < 1:
+                raise UserError("Use at least one shot (training image per class).")
+            shots = min(shots, most)
+            index = len(ws.history) + 1
+            train = data.session_images(shots, seed=index)
+        except USER_ERRORS as err:
+            yield self._failed(live, str(err))
+            return
+        except UserError as err:
+            yield self._failed(live, str(err))
+            return
+
+        live.method, live.data, live.probes = method, data.name, data.probes()
+        if ws.stop.is_set():
+            yield self._stopped(live, "Stopped before it started: nothing changed.")
+            return
+        steps = engine.planned_steps(len(train), settings)
+        live.total = steps
+        live.status = (
+            f"Session {index}: {method} on {data.name}, {shots} per class "
+            f"({len(train)} images, {steps} steps)…"
+        )
+        ws.busy = True
+        started = time.perf_counter()
+        worker = engine.session_worker(
+            ws.history,
+            method,
+            settings,
+            train,
+            data.target,
+            self.controls,
+            self._extra_sets(ws, data),
+            live.probes,
+            index,
+            shots,
+        )
+        try:
+            yield Phase("start", live.status), live
+            for event in worker:
+                if ws.stop.is_set():
+                    worker.close()
+                    yield self._stopped(live, "Stopped: nothing changed.")
+                    return
+                live.on(event)
+                if isinstance(event, Done):
+                    ws.history.append(event.record)
+                    live.finished, live.saved, live.tone = True, event.record.index, "done"
+                    live.phase = "done"
+                    seconds = time.perf_counter() - started
+                    live.status = (
+                        f"Done: session {event.record.index} saved in {seconds:.0f} s "
+                        f"(TI {event.record.ti:+.1f}"
+                        + (f", CC {event.record.cc:+.1f}" if self.controls else "")
+                        + "). Try it in the Chat tab, or train again."
+                    )
+                elif isinstance(event, Stopped):
+                    yield self._stopped(live, event.message)
+                    return
+                yield event, live
+        except USER_ERRORS as err:
+            yield self._failed(live, f"{err} Nothing was saved.")
+        except Exception as err:  # never a traceback on screen; the log has it
+            log.exception("session failed")
+            yield self._failed(
+                live,
+                f"Something went wrong ({type(err).__name__}: {err}). Nothing was saved.",
+            )
+        finally:
+            worker.close()
+            ws.busy = False
+            if ws.key not in self.store:
+                self.close(ws.key)
+
+    def _failed(self, live: Live, message: str):
+        live.status, live.tone, live.finished, live.phase = message, "error", True, "error"
+        return {"kind": "error", "message": message}, live
+
+    def _stopped(self, live: Live, message: str):
+        live.status, live.tone, live.finished, live.phase = message, "stopped", True, "stopped"
+        return Stopped(message), live
+
+    def arm(self, key: str | None) -> None:
+        """A Train press: clear the stop flag before the session waits in the queue."""
+        self.workspace(key).stop.clear()
+
+    def stop(self, key: str | None) -> str:
+        ws = self.workspace(key)
+        ws.stop.set()
+        if ws.busy:
+            return "Stopping after the current step… nothing of this session will be kept."
+        return "Stopped: nothing changed."
+
+    # ---- chat ------------------------------------------------------------------------------
+    def chat(
+        self,
+        key: str | None,
+        image,
+        question: str,
+        version: int | None = None,
+        with_base: bool = True,
+    ) -> Iterator[tuple[str, str | None]]:
+        """Yield (adapted answer, base answer or None) as they grow."""
+        ws = self.workspace(key)
+        if image is None or image == "":
+            raise UserError("Add an image first: upload one, or click an example below.")
+        question = (question or "").strip()
+        if not question:
+            raise UserError("Type a question, for example: What is in this image?")
+        if len(question) > 500:
+            raise UserError("That question is long: keep it under 500 characters.")
+        version = self.version(ws, version)
+        try:
+            picture = open_image(image, Path(str(image)).name if isinstance(image, str) else None)
+        except DataError as err:
+            raise UserError(str(err)) from None
+        deltas = ws.history.deltas(version)
+        adapted, base = "", None
+        worker = engine.chat_worker(picture, question, deltas, bool(with_base))
+        try:
+            for which, text in worker:
+                if which == "adapted":
+                    adapted = text
+                else:
+                    base = text
+                yield adapted, base
+        finally:
+            worker.close()
+
+    def version(self, ws: Workspace, version) -> int:
+        latest = len(ws.history)
+        if version is None or version == "" or (isinstance(version, (int, float)) and version < 0):
+            return latest
+        try:
+            value = int(version)
+        except (TypeError, ValueError):
+            raise UserError(f"Version {version!r} is not a session number.") from None
+        if not 0 <= value <= latest:
+            raise UserError(f"There is no session {value}: choose 0 (the base model) to {latest}.")
+        return value
+
+    # ---- sessions --------------------------------------------------------------------------
+    def sessions(self, key: str | None) -> dict:
+        ws = self.workspace(key)
+        history = ws.history
+        matrix = history.matrix()
+        return {
+            "model": history.model.get("model"),
+            "base": history.base,
+            "sessions": history.table(),
+            "accuracy_matrix": matrix.to_dict(),
+        }
+
+    def rollback(self, key: str | None, session: int) -> str:
+        ws = self.workspace(key)
+        if ws.busy:
+            raise UserError("A session is running: stop it (or let it finish) before rolling back.")
+        target = self.version(ws, session)
+        latest = len(ws.history)
+        if target == latest:
+            return f"Nothing to roll back: session {latest} is already the latest."
+        ws.history.rollback(target)
+        removed = f"session {latest}" if latest == target + 1 else f"sessions {target + 1}-{latest}"
+        where = "the base model" if target == 0 else f"session {target}"
+        return f"Rolled back to {where}: {removed} removed exactly."
+
+    def export_history(self, key: str | None) -> Path:
+        ws = self.workspace(key)
+        if not len(ws.history):
+            raise UserError("Nothing to download yet: train a session first.")
+        name = f"lorsu-history-{self.bundle.name}-{len(ws.history)}-sessions.lorsu"
+        folder = self._folder(key) / "history"
+        shutil.rmtree(folder, ignore_errors=True)
+        return ws.history.save(folder / name)
+
+    def import_history(self, key: str | None, path: str | None) -> str:
+        ws = self.workspace(key)
+        if not path:
+            raise UserError("Choose a history file (.lorsu) to upload.")
+        if ws.busy:
+            raise UserError("A session is running: stop it (or let it finish) before uploading.")
+        try:
+            history = History.load(path)
+            self._check_fits(history, Path(str(path)).name)
+        except HistoryError as err:
+            raise UserError(str(err)) from None
+        except Exception as err:  # anything odd in a foreign file is still the file's fault
+            log.warning("history upload failed: %r", err)
+            raise UserError(
+                f"{Path(str(path)).name} could not be read as a lorsu-demo history file."
+            ) from None
+        ws.history = history
+        n = len(history)
+        return f"Loaded {n} session{'s' if n != 1 else ''} from {Path(str(path)).name}."
+
+    def _check_fits(self, history: History, name: str) -> None:
+        made_on, here = history.model.get("model"), self.bundle.source.get("model")
+        if made_on and here and made_on != here:
+            raise HistoryError(
+                f"{name} was made on the model {made_on!r}, but this app runs {here!r}; "
+                "a history only fits the model it was trained on."
+            )
+        for key in ("seed",):
+            if key in history.model and history.model.get(key) != self.bundle.source.get(key):
+                raise HistoryError(f"{name} was made on another {here!r} ({key} differs).")
+        state = self.bundle.vision_state()
+        for record in history.sessions:
+            for param, patch in record.delta.items():
+                if param not in state or tuple(state[param].shape) != tuple(patch.region.shape):
+                    raise HistoryError(
+                        f"{name}: session {record.index} changes {param}, which this model "
+                        "does not have in that shape; it was made on another model."
+                    )
+
+    def export_model(self, key: str | None, session: int | None) -> Path:
+        ws = self.workspace(key)
+        version = self.version(ws, session)
+        problem = engine.export_size_problem(self.bundle)
+        if problem:
+            raise UserError(problem)
+        folder = self._folder(key) / "model"
+        shutil.rmtree(folder, ignore_errors=True)
+        out = folder / f"{self.bundle.name}-session{version}.zip"
+        deltas = ws.history.deltas(version)
+        return Path(engine.export_worker(deltas, version, str(out)))
+
+    # ---- what the tables show --------------------------------------------------------------
+    def version_choices(self, key: str | None) -> list[tuple[str, int]]:
+        ws = self.workspace(key)
+        choices = [("0 · base model (no sessions)", 0)]
+        for record in ws.history.sessions:
+            choices.append(
+                (f"{record.index} · after {record.method} on {record.target}", record.index)
+            )
+        return choices
+
+    def table_rows(self, key: str | None) -> list[list]:
+        rows = []
+        for row in self.workspace(key).history.table():
+            rows.append(
+                [
+                    row["session"],
+                    row["method"],
+                    row["target"],
+                    row["classes"],
+                    row["shots"],
+                    _round(row["target_acc"]),
+                    _round(row["ti"], signed=True),
+                    _round(row["cc"], signed=True) if self.controls else "—",
+                    round(row["delta_kb"], 1),
+                    round(row["seconds"], 1),
+                ]
+            )
+        return rows
+
+
+def _round(value, signed: bool = False):
+    if value is None or not _finite(value):
+        return "—"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
+
+
+TABLE_HEADERS = [
+    "Session",
+    "Method",
+    "Data",
+    "Classes",
+    "Shots",
+    "Target acc %",
+    "TI",
+    "CC",
+    "Change (KB)",
+    "Seconds",
+]

@@ -1,0 +1,297 @@
+"""The app's model and its GPU work, without Gradio.
+
+One model per process, loaded once (`load_model`), shared by every user. Every function that
+touches the weights is a *worker*: it takes the user's deltas (or history) in, applies them only
+for the call under `bundle.lock`, and gives plain results (and, for training, the new session
+record) back. That is exactly what Hugging Face ZeroGPU needs: `@spaces.GPU` runs a worker in a
+forked process where weight changes never reach the main process; outside ZeroGPU the decorator
+is a no-op and `spaces` need not be installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..chat import answer, generate_answers, stream_answer
+from ..delta import applied
+from ..events import Done
+from ..history import History
+from ..methods import METHODS, make_method, method_settings
+from ..model import ASSETS_DIR, BUNDLE_FILE, OFFLINE_PRESET, Bundle, BundleError, load_bundle
+from ..session import run_session
+
+try:  # Hugging Face ZeroGPU; a no-op elsewhere, and optional
+    import spaces
+except ImportError:  # pragma: no cover - depends on the environment
+    spaces = None
+
+log = logging.getLogger("lorsu_demo.ui")
+
+PROBE_QUESTION = "What is in this image?"
+PROBE_TOKENS = 12
+CHAT_TOKENS = 48
+# Models above this many parameters are not zipped for a browser download (LLaVA is 7 B).
+MAX_EXPORT_PARAMS = 500_000_000
+
+
+def gpu(duration):
+    """`spaces.GPU(duration=...)` when running on ZeroGPU, else the function unchanged."""
+
+    def wrap(fn):
+        if spaces is None:
+            return fn
+        return spaces.GPU(duration=duration)(fn)
+
+    return wrap
+
+
+# ---- the one model ---------------------------------------------------------------------------
+_MODEL: dict[str, object] = {}
+
+
+def use_model(bundle: Bundle, notice: str | None = None) -> Bundle:
+    """Make `bundle` the process's model (the app calls this once)."""
+    _MODEL["bundle"] = bundle
+    _MODEL["notice"] = notice
+    return bundle
+
+
+def current() -> Bundle:
+    try:
+        return _MODEL["bundle"]
+    except KeyError:
+        raise RuntimeError("no model loaded: call engine.load_model() first") from None
+
+
+def notice() -> str | None:
+    return _MODEL.get("notice")
+
+
+def load_model(name: str, device: str | None = None) -> tuple[Bundle, str | None]:
+    """Load `name`; when the offline toy model is asked for but missing, fall back to
+    `tiny-random` with a notice (the app still starts). Other failures raise BundleError."""
+    try:
+        return load_bundle(name, device=device), None
+    except BundleError as err:
+        if name != OFFLINE_PRESET or (ASSETS_DIR / OFFLINE_PRESET / BUNDLE_FILE).exists():
+            raise
+        log.warning("%s Falling back to tiny-random.", err)
+        message = (
+            f"The offline toy model is missing ({ASSETS_DIR / OFFLINE_PRESET}), so this app runs "
+            "on **tiny-random**, a model with random weights: its answers are gibberish and its "
+            "accuracies are chance. Build the toy model with "
+            "`python -m lorsu_demo.toyworld.train --out assets` and restart."
+        )
+        return load_bundle("tiny-random", device=device), message
+
+
+def describe_model(bundle: Bundle) -> str:
+    layers, heads = bundle.num_layers, bundle.num_heads
+    read = bundle.layers_read_by_vlm
+    return (
+        f"**{bundle.name}** on {bundle.device.type.upper()}: image encoder of {layers} layers "
+        f"x {heads} attention heads; the language model reads the output of layer {read}."
+    )
+
+
+# ---- settings --------------------------------------------------------------------------------
+def settings_for(bundle: Bundle, method: str) -> dict:
+    """A method's settings as the app offers them: the method's defaults, then the model's
+    (a tiny encoder wants a larger learning rate than LLaVA's)."""
+    settings = method_settings(method)
+    settings.update({k: v for k, v in bundle.defaults.items() if k in settings})
+    return settings
+
+
+def clean_settings(method: str, values: dict) -> dict:
+    """Keep only the settings `method` has; cast to the type of their default."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
+    defaults = method_settings(method)
+    out = {}
+    for key, value in values.items():
+        if key not in defaults or value is None:
+            continue
+        default = defaults[key]
+        try:
+            if isinstance(default, bool):
+                value = bool(value)
+            elif isinstance(default, int):
+                if float(value) != int(float(value)):
+                    raise ValueError
+                value = int(float(value))
+            elif isinstance(default, float):
+                value = float(value)
+            elif isinstance(default, str):
+                value = str(value).strip()
+                if not value or len(value) > 300:
+                    raise ValueError
+        except (TypeError, ValueError):
+            kind = "text" if isinstance(default, str) else "a number"
+            raise ValueError(f"Setting {key!r} must be {kind} like {default!r}.") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"Setting {key!r} must be a finite number.")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"Setting {key!r} cannot be negative.")
+        out[key] = value
+    if out.get("epochs", 1) < 1 or out.get("batch_size", 1) < 1:
+        raise ValueError("Use at least one epoch and a batch of at least one image.")
+    return out
+
+
+def planned_steps(images: int, settings: dict) -> int:
+    batch = max(1, int(settings.get("batch_size", 16)))
+    return int(settings.get("epochs", 5)) * math.ceil(images / batch)
+
+
+# ---- probes ----------------------------------------------------------------------------------
+@dataclass
+class Probe:
+    image: object  # PIL image
+    label: str
+
+
+@dataclass
+class ProbeAnswers:
+    """Answers to the probe images: stage "before" (base and current model) or "after"."""
+
+    stage: str
+    answers: dict[str, list[str]] = field(default_factory=dict)
+    kind = "probes"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "stage": self.stage, "answers": self.answers}
+
+
+def probe_answers(bundle: Bundle, probes: list[Probe], deltas) -> list[str]:
+    if not probes:
+        return []
+    with bundle.lock, applied(bundle.vision_state(), deltas):
+        return generate_answers(
+            bundle,
+            [p.image for p in probes],
+            [PROBE_QUESTION] * len(probes),
+            max_new_tokens=PROBE_TOKENS,
+        )
+
+
+def _session_seconds(history, method, settings, train, *args, **kwargs) -> int:
+    steps = planned_steps(len(train), settings)
+    return int(min(600, 60 + 3 * steps))
+
+
+@gpu(duration=_session_seconds)
+def session_worker(
+    history: History,
+    method: str,
+    settings: dict,
+    train,
+    target,
+    controls=(),
+    extra_sets=(),
+    probes: list[Probe] = (),
+    seed: int = 0,
+    shots: int | None = None,
+) -> Iterator:
+    """One session as events: ProbeAnswers("before"), run_session's events (Phase, Scores,
+    Step, Metrics), ProbeAnswers("after"), then Done(record) or Stopped. `history` is only read;
+    the caller appends `Done.record`. Closing this generator leaves the model as it was."""
+    bundle = current()
+    probes = list(probes)
+    deltas = history.deltas()
+    if probes:
+        base = probe_answers(bundle, probes, [])
+        now = probe_answers(bundle, probes, deltas) if deltas else base
+        yield ProbeAnswers("before", {"base": base, "before": now})
+    events = run_session(
+        bundle,
+        history,
+        make_method(method, **settings),
+        train,
+        target=target,
+        controls=list(controls),
+        extra_sets=list(extra_sets),
+        trained_sets=[target.name],
+        seed=seed,
+        shots=shots,
+    )
+    try:
+        for event in events:
+            if isinstance(event, Done) and probes:
+                after = probe_answers(bundle, probes, [*deltas, event.record.delta])
+                yield ProbeAnswers("after", {"after": after})
+            yield event
+    finally:
+        events.close()
+
+
+@gpu(duration=60)
+def chat_worker(image, question: str, deltas, with_base: bool) -> Iterator[tuple[str, str]]:
+    """Yield (which, text): the adapted model's answer as it grows, then the base model's."""
+    bundle = current()
+    text = ""
+    for text in stream_answer(bundle, image, question, deltas, max_new_tokens=CHAT_TOKENS):
+        yield "adapted", text
+    if not text:
+        yield "adapted", ""
+    if with_base:
+        yield "base", answer(bundle, image, question, (), max_new_tokens=CHAT_TOKENS)
+
+
+def export_size_problem(bundle: Bundle) -> str | None:
+    params = sum(p.numel() for p in bundle.vlm.parameters())
+    params += sum(p.numel() for p in bundle.clip.text_model.parameters())
+    if params <= MAX_EXPORT_PARAMS:
+        return None
+    gigabytes = params * bundle.vlm.dtype.itemsize / 1e9
+    return (
+        f"The adapted {bundle.name} is about {gigabytes:.0f} GB: too large to download through a "
+        "browser. Download the history file instead and run `python -m lorsu_demo export --run "
+        "history.lorsu --session N --out DIR` where the base model is."
+    )
+
+
+@gpu(duration=120)
+def export_worker(deltas, session: int, out: str) -> str:
+    """Write the VLM (and its CLIP text side) as it was after `session` into a zip at `out`,
+    laid out like `python -m lorsu_demo export` (a folder that `load_bundle` and
+    `LlavaForConditionalGeneration.from_pretrained` read)."""
+    bundle = current()
+    out = Path(out)
+    name = f"{bundle.name}-session{session}"
+    folder = Path(tempfile.mkdtemp(prefix="lorsu-export-")) / name
+    try:
+        folder.mkdir(parents=True)
+        with bundle.lock, applied(bundle.vision_state(), deltas):
+            bundle.vlm.save_pretrained(folder)
+            bundle.processor.save_pretrained(folder)
+            bundle.clip.save_pretrained(folder / "clip")
+            bundle.clip_tokenizer.save_pretrained(folder / "clip")
+            bundle.clip_image_processor.save_pretrained(folder / "clip")
+        manifest = {
+            "format": "lorsu-demo-bundle",
+            "version": 1,
+            "name": f"{bundle.name}+s{session}",
+            "vlm": ".",
+            "clip": "clip",
+            "caption_templates": bundle.caption_templates,
+            "defaults": bundle.defaults,
+            "description": f"{bundle.name} after session {session} (exported from the app)",
+        }
+        (folder / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    archive.write(path, Path(name) / path.relative_to(folder))
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+    return str(out)

@@ -1,0 +1,158 @@
+"""Every explanation the app shows, in one place, written for a workshop audience."""
+
+TITLE = "LoRSU: teach a vision-language model something new, without making it forget"
+
+INTRO = (
+    "A vision-language model (VLM) answers questions about images. Here you show it **a few "
+    "labelled images of something it gets wrong**, train for a few seconds, and watch two "
+    "numbers: did it get better at the new thing (**TI**), and did it stay as good at what it "
+    "knew (**CC**)? **LoRSU** updates only a small, carefully chosen part of the image encoder, "
+    "so it learns without forgetting. Steps: **1** pick or upload images, **2** press Train, "
+    "**3** chat with the result, **4** roll back if you like."
+)
+
+PICK = (
+    "Each example shows classes the model knows in a *style its image encoder never saw*. "
+    "Training images teach; test images (kept aside) measure."
+)
+
+UPLOAD_CARDS = (
+    "One card per class: type the class name and drop a few images (PNG, JPEG or WebP). "
+    "Two classes at least, two images per class at least; about a third of each class is kept "
+    "aside as test images."
+)
+UPLOAD_ZIP = (
+    "A zip of folders named after the classes (`cat/1.png`, `dog/1.png`, ...), optionally under "
+    "`train/` and `test/`."
+)
+UPLOAD_FILES = "Or images named `class_anything.png` (for example `cat_01.png`, `dog_07.jpg`)."
+
+SETTINGS = (
+    "**Shots** = training images per class (few-shot learning: 5 is the paper's CL-5). "
+    "**Epochs** = passes over them."
+)
+
+METHODS_HELP = {
+    "lorsu": "LoRSU (the paper's method): finds the attention heads that matter most for your "
+    "images, trains only those (plus 10% of each MLP), leaves the rest untouched.",
+    "lorsu-rand": "Ablation: LoRSU but with heads picked at random (do the scores matter?).",
+    "lorsu-aah": "Ablation: LoRSU on all attention heads (more change, more forgetting?).",
+    "lorsu-ppl": "LoRSU trained through the language model's answer (slower, needs the VLM).",
+    "lora": "Baseline: a low-rank update on every layer of the image encoder.",
+    "spu": "Baseline: SPU, which trains 10% of each MLP layer and no attention.",
+    "full": "Baseline: every weight of the image encoder trains. Learns fast, forgets most.",
+    "keeplora": "KeepLoRA: a low-rank update kept away from the directions that past sessions "
+    "and the pretrained weights rely on most.",
+    "keeplora++": "KeepLoRA++: KeepLoRA with smaller updates in the first (shallow) layers.",
+    "dac": "DAC: a pool of tiny (rank-1) experts; each image picks a few, and each session "
+    "keeps the ones it used most.",
+}
+
+KNOBS = {
+    "lr": ("Learning rate", "Step size of each update. Too high: forgetting; too low: no change."),
+    "batch_size": ("Batch size", "Images per training step."),
+    "heads": ("Heads per layer (k)", "How many attention heads LoRSU trains in every layer."),
+    "rank": ("LoRA rank", "Size of the low-rank update on each selected head."),
+    "alpha": ("LoRA alpha", "Scale of the low-rank update (alpha / rank)."),
+    "sparsity": ("MLP share", "Fraction of each layer's fc1 weights that train (0.1 = 10%)."),
+    "weight_decay": ("Weight decay", "Pulls trained weights back a little every step."),
+    "warmup": ("Warm-up", "Fraction of the steps with a rising learning rate."),
+    "multi_positive": (
+        "Same-class pairs are positives",
+        "Off = the paper's loss; on = images of one class in a batch count as matches.",
+    ),
+    "principal_energy": (
+        "Kept energy (weights)",
+        "KeepLoRA leaves alone the weight directions holding this share of their energy.",
+    ),
+    "feature_energy": (
+        "Kept energy (features)",
+        "KeepLoRA leaves alone past sessions' feature directions holding this share.",
+    ),
+    "dropout": ("Dropout", "Share of the adapter's inputs dropped at random while training."),
+    "question": ("Training question", "The question the answer loss is trained on."),
+    "max_importance_images": (
+        "Images for scoring",
+        "At most this many images are used to score the heads.",
+    ),
+}
+
+LIVE = (
+    "**While it trains:** the loss should fall; the blue line (new data) should rise; the "
+    "orange line (what it knew) should stay flat."
+)
+
+HEATMAP = (
+    "**What LoRSU changes.** Before training, one pass over your images measures how much each "
+    "attention head would help (darker = more). LoRSU trains only the **red-boxed** heads in "
+    "every layer, plus the share of MLP weights on the right. Grey rows are encoder layers the "
+    "language model never reads (LLaVA reads the second-to-last layer), so changing them "
+    "cannot change an answer."
+)
+
+PROBES = (
+    "**Probe images:** the same test images are shown to the untouched base model, the model "
+    "before this session and after it."
+)
+
+CHAT = (
+    "Ask the model about any image. **Version** picks which point of your history answers "
+    "(0 = the untouched base model); the base model's answer is shown beside it for comparison. "
+    "Only your own sessions are used: other visitors' training never reaches your chat."
+)
+
+SESSIONS = (
+    "Every Train press adds a **session**: a small, exact change on top of the shared model. "
+    "The **accuracy matrix** shows every test set after every session: a row that gets greener "
+    "learned something; a column that turns red later was forgotten. **Roll back** removes the "
+    "later sessions exactly (the weights return bit for bit). Your history lives only in this "
+    "browser tab: **download it** to keep it, upload it later to continue."
+)
+
+MATRIX_FIGURES = (
+    "**Avg**: mean accuracy over the trained sets across all rows; **Last**: their mean after "
+    "the last session; **BWT** (backward transfer): how trained sets changed after later "
+    "sessions (below zero = forgetting)."
+)
+
+HOW = """
+### The problem
+A vision-language model such as LLaVA looks at an image with its **image encoder** (a CLIP
+vision transformer), turns it into tokens, and a language model writes the answer. When the
+images look different from what the encoder saw in training (handwriting instead of print,
+a medical scan, a new traffic sign), the answers go wrong. Fine-tuning the whole encoder on a
+few examples fixes them but damages everything else: **catastrophic forgetting**.
+
+### What LoRSU does (Low-Rank adaptation with Structured Updates)
+1. **Score.** One pass over your few images measures, for every attention head in every layer,
+   how much its weights would need to change (the size of the gradient).
+2. **Select.** In every layer, keep the top *k* heads (2 by default) and the top 10% of the MLP's
+   first weights (fc1). Everything else stays frozen.
+3. **Train.** A small low-rank update (LoRA) on just those heads' rows, plus the chosen fc1
+   weights, with the CLIP contrastive loss: images must match captions "a photo of a {class}".
+4. **Merge.** The update is folded into the encoder. The language model is never touched.
+
+The result: the encoder learns the new look, while the rest of what it knew stays in place.
+The paper reports large TI with near-zero CC, where full fine-tuning loses much more.
+
+### The two numbers
+- **TI (Target Improvement)** = accuracy on new, held-out images of your data now, minus the
+  base model's. Higher is better.
+- **CC (Control Change)** = accuracy on a *control set* of things the model already knew, now
+  minus before. Zero is ideal; below zero is forgetting.
+
+Accuracies are measured the cheap way: the image encoder's CLIP match between the image and
+"a photo of a {class}" for every class (the class with the best match is the prediction).
+
+### Sessions
+Each training run is a *session*; sessions stack. The app stores each one as the exact values
+it changed, so any session can be removed again exactly (**Roll back**). Many people can use one
+app at once: the model is shared, everyone's sessions are applied only while their own request
+runs, and all model work waits in one queue.
+
+### Methods to compare
+`lorsu` (default), `lorsu-rand` and `lorsu-aah` (ablations: random heads, all heads), `lora`,
+`spu` and `full` (baselines). Try `full` on the same data and watch CC.
+
+Paper: *Efficient Few-Shot Continual Learning in Vision-Language Models* (arXiv 2502.04098).
+"""

@@ -1,0 +1,71 @@
+"""Shared set-up of the UI tests (imported by tests/test_ui*.py; pytest does not load it alone).
+
+Gradio's temp dir and analytics are set before gradio is imported. The app runs on
+`tiny-random` with example domains of coloured squares written to a temp folder, so the tests
+depend neither on the toy assets nor on a network.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_TEMP = Path(tempfile.mkdtemp(prefix="lorsu-ui-tests-"))
+os.environ["GRADIO_TEMP_DIR"] = str(_TEMP / "gradio")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_RUN_HISTORY", "False")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+# Two colour worlds: the "example domains" the app offers, and a control set.
+PALETTES = {
+    "colours": {"red": (0,), "green": (1,), "blue": (2,)},
+    "mixes": {"yellow": (0, 1), "purple": (0, 2), "cyan": (1, 2)},
+}
+CONTROL = {"red": (0,), "green": (1,), "blue": (2,), "yellow": (0, 1)}
+
+
+def colour_image(rng, channels, size=32) -> Image.Image:
+    pixels = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+    for c in channels:
+        pixels[..., c] += 150
+    return Image.fromarray(pixels)
+
+
+def write_classes(root: Path, palette: dict, per_class: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for label, channels in palette.items():
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            colour_image(rng, channels).save(folder / f"{i:03d}.png")
+
+
+def write_world(root: Path) -> tuple[Path, Path]:
+    """root/domains/<name>/{train,test}/<class>/*.png (+ README.md) and root/control/."""
+    domains = root / "domains"
+    for seed, (name, palette) in enumerate(PALETTES.items()):
+        write_classes(domains / name / "train", palette, 6, seed * 10 + 1)
+        write_classes(domains / name / "test", palette, 3, seed * 10 + 2)
+        (domains / name / "README.md").write_text(
+            f"# Coloured squares: {name}\n\nSquares of noise in {', '.join(palette)}.\n"
+        )
+    write_classes(root / "control", CONTROL, 3, 99)
+    return domains, root / "control"
+
+
+def make_core(root: Path, work: Path | None = None):
+    from lorsu_demo.model import load_bundle
+    from lorsu_demo.ui.core import AppCore
+
+    torch.set_num_threads(1)
+    domains, control = write_world(root)
+    bundle = load_bundle("tiny-random")
+    return AppCore(bundle, None, domains, [str(control)], work_dir=work or root / "work")
+
+
+FAST = {"batch_size": 4}
