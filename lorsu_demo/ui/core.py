@@ -242,7 +242,7 @@ class AppCore:
             values = {**engine.settings_for(self.bundle, method), **(settings or {})}
             values["epochs"] = epochs if epochs else values.get("epochs")
             settings = engine.clean_settings(method, values)
-            shots = int(shots or 5)
+            shots = 5 if shots is None else int(shots)
             most = data.max_shots()
             if shots < 1:
                 raise UserError("Use at least one shot (training image per class).")

@@ -1,0 +1,121 @@
+"""A real browser walks the app: pick example data, Train, read TI/CC and the heatmap, chat,
+roll back. The browser test runs it; `python -m lorsu_demo.ui.tour --out docs/screenshot.png`
+saves the screenshot of the main screen for the README.
+
+It drives Debian's Chromium through Playwright (`pip install playwright`; never `playwright
+install`, which downloads a browser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+CHROMIUM = os.environ.get("LORSU_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+TIMEOUT_MS = 120_000
+
+
+def open_browser(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def status(page) -> str:
+    return page.inner_text("#lorsu-status")
+
+
+def wait_status(page, text: str, timeout: int = TIMEOUT_MS) -> str:
+    page.wait_for_selector(f"#lorsu-status:has-text('{text}')", timeout=timeout)
+    return status(page)
+
+
+def teach_and_train(page, example_title: str, session: int = 1) -> dict:
+    """Pick an example domain, press Train, wait for the session; return what is on screen."""
+    page.get_by_role("tab", name="1 · Teach & watch").click()
+    page.get_by_label(example_title, exact=True).check()
+    wait_status(page, "Data ready")
+    page.click("#lorsu-train")
+    done = wait_status(page, f"Done: session {session} saved")
+    page.wait_for_selector("#lorsu-heatmap img", timeout=TIMEOUT_MS)
+    return {
+        "status": done,
+        "ti": page.inner_text("#lorsu-ti"),
+        "cc": page.inner_text("#lorsu-cc"),
+        "heatmap": page.locator("#lorsu-heatmap img").count(),
+        "curves": page.locator("#lorsu-curves img").count(),
+        "probes": page.locator("#lorsu-probes tbody tr").count(),
+    }
+
+
+def chat(page) -> dict:
+    """Open Chat, click the first example image, Ask; return both answers."""
+    page.get_by_role("tab", name="2 · Chat").click()
+    page.locator("#lorsu-chat-examples tbody tr, #lorsu-chat-examples .gallery-item").first.click()
+    page.wait_for_selector("#lorsu-chat-image img", timeout=TIMEOUT_MS)
+    page.click("#lorsu-ask")
+    answered = wait_status(page, "Answered by")
+    return {
+        "status": answered,
+        "answer": page.input_value("#lorsu-answer textarea"),
+        "base": page.input_value("#lorsu-base-answer textarea"),
+    }
+
+
+def roll_back(page) -> str:
+    """Sessions tab: Roll back… to the preselected earlier version, confirm."""
+    page.get_by_role("tab", name="3 · Sessions").click()
+    page.click("#lorsu-rollback")
+    page.wait_for_selector("#lorsu-confirm-yes", state="visible", timeout=TIMEOUT_MS)
+    page.click("#lorsu-confirm-yes")
+    return wait_status(page, "Rolled back to")
+
+
+def screenshot(url: str, out: Path, example_title: str | None = None) -> Path:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = open_browser(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            title = example_title or page.locator("#lorsu-examples label").first.inner_text()
+            teach_and_train(page, title.strip())
+            page.get_by_role("tab", name="1 · Teach & watch").click()
+            time.sleep(1.0)  # let the last plots settle
+            out.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(out), full_page=True)
+        finally:
+            browser.close()
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="docs/screenshot.png")
+    parser.add_argument("--model", default=None, help="default: $LORSU_MODEL or toy")
+    parser.add_argument("--example", default=None, help="title of the example to train on")
+    args = parser.parse_args(argv)
+    from .app import create, launch
+
+    demo = create(args.model)
+    launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        path = screenshot(demo.local_url, Path(args.out), args.example)
+    finally:
+        demo.close()
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
