@@ -6,6 +6,7 @@ Everything here goes through `AppCore` (what every button and API endpoint calls
 
 import io
 import json
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -215,6 +216,25 @@ def test_model_export_is_a_loadable_folder(core, tmp_path):
         assert torch.equal(loaded.vision_state()[name], state[name])
 
 
+def test_gpu_workers_take_and_give_picklable_values(core):
+    """ZeroGPU runs workers in a forked process: what goes in and out must pickle, and a
+    worker must hand the session back as a record instead of changing the main process."""
+    data = core.examples.get("colours")
+    history = History(model=core.bundle.source)
+    args = (history, "lorsu", {**FAST, "epochs": 1}, data.session_images(3, 1), data.target,
+            core.controls, [], data.probes(), 1, 3)  # fmt: skip
+    args = pickle.loads(pickle.dumps(args))
+    events = [pickle.loads(pickle.dumps(e)) for e in engine.session_worker(*args)]
+    assert isinstance(events[-1], Done) and len(history) == 0
+    history.append(events[-1].record)
+    deltas = pickle.loads(pickle.dumps(history.deltas()))
+    image = data.domain.test.items[0].image
+    said = [
+        pickle.loads(pickle.dumps(x)) for x in engine.chat_worker(image, QUESTION, deltas, True)
+    ]
+    assert said[-1][0] == "base" and any(which == "adapted" for which, _ in said)
+
+
 def test_sessions_summary_and_tables(core):
     run(core, "table", lr=1e-2)
     info = core.sessions("table")
@@ -232,6 +252,13 @@ def test_workspaces_are_separate_and_dropped_on_close(core):
     core.close("alice")
     assert "alice" not in core.store
     assert len(core.workspace("alice").history) == 0
+    # a tab closed mid-session: the session stops, nothing is kept, the workspace goes
+    events = core.train("carol", "colours", "lorsu", 4, 5, FAST)
+    for event, _ in events:
+        if isinstance(event, Step):
+            core.close("carol")
+            assert "carol" in core.store
+    assert "carol" not in core.store and not core.bundle.lock.locked()
 
 
 # ---- uploads ---------------------------------------------------------------------------------

@@ -491,7 +491,11 @@ def build_app(core: AppCore) -> gr.Blocks:
         def on_arm(request: gr.Request):
             core.arm(_key(request))
             return (
-                _status("Waiting for the model (it runs one job at a time)…", "busy"),
+                _status(
+                    "Waiting for the model: it runs one job at a time (queue position on the "
+                    "right)…",
+                    "busy",
+                ),
                 gr.update(interactive=False),
                 gr.update(interactive=True),
             )
@@ -546,7 +550,7 @@ def build_app(core: AppCore) -> gr.Blocks:
             on_train,
             {method, shots, epochs, *knobs},
             [status, metrics, curves, scores, probes, train_btn, stop_btn, *session_outputs],
-            show_progress="minimal",
+            show_progress="full",
             show_progress_on=[status],
             **GPU,
             **PRIVATE,
@@ -588,7 +592,8 @@ def build_app(core: AppCore) -> gr.Blocks:
                 on_ask,
                 chat_inputs,
                 [status, adapted_out, base_out],
-                show_progress="minimal",
+                show_progress="full",
+                show_progress_on=[status],
                 **GPU,
                 **PRIVATE,
             )
@@ -666,7 +671,14 @@ def build_app(core: AppCore) -> gr.Blocks:
                 gr.update(value=str(path), visible=True),
             )
 
-        export_btn.click(on_export, [export_version], [status, export_file], **GPU, **PRIVATE)
+        export_btn.click(
+            on_export,
+            [export_version],
+            [status, export_file],
+            show_progress_on=[status],
+            **GPU,
+            **PRIVATE,
+        )
 
         def on_load(request: gr.Request):
             return views.sessions(_key(request))

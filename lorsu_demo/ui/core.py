@@ -314,7 +314,7 @@ class AppCore:
         finally:
             worker.close()
             ws.busy = False
-            if ws.key not in self.store:
+            if ws.closed:
                 self.close(ws.key)
 
     def _failed(self, live: Live, message: str):

@@ -128,7 +128,10 @@ def scores_figure(
                        color=INK)  # fmt: skip
     else:
         heat.imshow(np.zeros((num_layers, num_heads)), cmap="Greys", vmin=0, vmax=1, aspect="auto")
-        heat.set_title(f"{method or 'This method'} does not score heads", fontsize=10, color=INK)
+        title = "Head importance: appears when a session scores heads"
+        if method:
+            title = f"{method} does not score heads (no importance to show)"
+        heat.set_title(title, fontsize=10, color=INK)
     chosen = 0
     for layer, heads in enumerate(selected_heads or []):
         for head in heads:
@@ -165,7 +168,7 @@ def scores_figure(
 
 
 def empty_scores_figure(num_layers: int, num_heads: int, layers_read: int) -> Figure:
-    return scores_figure(None, None, None, layers_read, num_layers, num_heads, "Train to see")
+    return scores_figure(None, None, None, layers_read, num_layers, num_heads)
 
 
 # ---- sessions --------------------------------------------------------------------------------

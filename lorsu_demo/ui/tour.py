@@ -104,10 +104,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/screenshot.png")
     parser.add_argument("--model", default=None, help="default: $LORSU_MODEL or toy")
     parser.add_argument("--example", default=None, help="title of the example to train on")
+    parser.add_argument("--domains", default=None, help="folder of example domains")
+    parser.add_argument("--control", action="append", help="control set folder (repeatable)")
     args = parser.parse_args(argv)
     from .app import create, launch
 
-    demo = create(args.model)
+    demo = create(args.model, args.domains, args.control)
     launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         path = screenshot(demo.local_url, Path(args.out), args.example)

@@ -126,6 +126,7 @@ class Workspace:
     selected: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     busy: bool = False
+    closed: bool = False  # its tab closed while a session ran; dropped when the session ends
     uploads_made: int = 0
     seen: float = field(default_factory=time.time)
 
@@ -157,7 +158,8 @@ class Store:
             if workspace is not None and not workspace.busy:
                 del self._items[key or "local"]
             elif workspace is not None:
-                workspace.stop.set()  # a closed tab's session stops; the next sweep drops it
+                workspace.closed = True  # the running session stops and then drops it
+                workspace.stop.set()
 
     def sweep(self, idle: float = IDLE_SECONDS) -> int:
         cutoff = time.time() - idle
