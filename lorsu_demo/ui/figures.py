@@ -154,9 +154,13 @@ def scores_figure(
 
     density = [100 * float(d) for d in (fc1_density or [0.0] * num_layers)]
     colours = [UNREAD if i >= layers_read else TARGET for i in range(len(density))]
-    bars.barh(range(len(density)), density, color=colours, height=0.6)
-    for i, value in enumerate(density):
-        bars.text(value + 2, i, f"{value:.0f}%", va="center", fontsize=8, color=INK)
+    if any(density) or head_scores is not None:
+        bars.barh(range(len(density)), density, color=colours, height=0.6)
+        for i, value in enumerate(density):
+            bars.text(value + 2, i, f"{value:.0f}%", va="center", fontsize=8, color=INK)
+    elif method:
+        bars.text(59, (num_layers - 1) / 2, "no sparse fc1 mask:\nsee the method's\ndescription",
+                  ha="center", va="center", fontsize=8.5, color=MUTED)  # fmt: skip
     bars.set_xlim(0, 118)
     bars.set_title("MLP (fc1) weights trained", fontsize=10, color=INK)
     bars.set_xlabel("% of the layer's fc1", fontsize=9)
