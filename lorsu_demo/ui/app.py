@@ -250,9 +250,9 @@ def build_app(core: AppCore) -> gr.Blocks:
                             visible=False,
                         )
                         data_gallery = gr.Gallery(
-                            label="A few training images",
-                            columns=8,
-                            height=130,
+                            label="One training image per class",
+                            columns=6,
+                            height="auto",
                             visible=False,
                             allow_preview=False,
                         )
@@ -419,9 +419,9 @@ def build_app(core: AppCore) -> gr.Blocks:
             counts = data.domain.train.counts()
             rows = [[c, n, data.domain.test.counts().get(c, 0)] for c, n in counts.items()]
             sample = []
-            for label in data.domain.train.classes[:12]:
-                items = [i for i in data.domain.train.items if i.label == label][:2]
-                sample += [(i.image, label) for i in items]
+            for label in data.domain.train.classes[:24]:
+                item = next(i for i in data.domain.train.items if i.label == label)
+                sample.append((item.image, label))
             most = max(1, data.max_shots())
             description = f"  \n{data.description}" if data.description else ""
             info = (

@@ -115,7 +115,7 @@ def scores_figure(
     boxed, the layers the VLM never reads greyed, and the share of fc1 weights trained."""
     height = max(2.6, 0.34 * num_layers + 1.5)
     figure = _figure(7.6, height)
-    grid = figure.add_gridspec(1, 2, width_ratios=[max(3, num_heads * 0.45), 2.2], wspace=0.08)
+    grid = figure.add_gridspec(1, 2, width_ratios=[3.0, 1.15], wspace=0.06)
     heat = figure.add_subplot(grid[0])
     bars = figure.add_subplot(grid[1], sharey=heat)
 
@@ -162,12 +162,13 @@ def scores_figure(
         bars.text(59, (num_layers - 1) / 2, "no sparse fc1 mask:\nsee the method's\ndescription",
                   ha="center", va="center", fontsize=8.5, color=MUTED)  # fmt: skip
     bars.set_xlim(0, 118)
-    bars.set_title("MLP (fc1) weights trained", fontsize=10, color=INK)
-    bars.set_xlabel("% of the layer's fc1", fontsize=9)
+    bars.set_xticks([0, 50, 100])
+    bars.set_title("MLP (fc1) trained", fontsize=10, color=INK)
+    bars.set_xlabel("% of each layer's fc1", fontsize=9)
     bars.tick_params(labelleft=False, labelsize=8)
     for side in ("top", "right"):
         bars.spines[side].set_visible(False)
-    figure.subplots_adjust(left=0.12, right=0.98, top=0.9, bottom=0.62 / height + 0.08)
+    figure.subplots_adjust(left=0.1, right=0.97, top=1 - 0.42 / height, bottom=0.62 / height)
     return figure
 
 
