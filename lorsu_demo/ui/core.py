@@ -113,6 +113,8 @@ class AppCore:
         self.bundle = engine.use_model(bundle, notice)
         self.notice = notice
         self.examples = Examples(Path(domains_dir) if domains_dir else ASSETS_DIR / "domains")
+        if not control_dirs and bundle.control_dir is None and (ASSETS_DIR / "control").is_dir():
+            control_dirs = [str(ASSETS_DIR / "control")]  # LLaVA presets have none of their own
         self.controls = control_sets(bundle, control_dirs)
         self.store = Store(bundle.source)
         base = Path(work_dir) if work_dir else Path(tempfile.gettempdir())
