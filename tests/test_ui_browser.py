@@ -46,7 +46,7 @@ def test_teach_train_watch_chat_roll_back(page):
     assert "Ready: pick example data" in tour.status(page)
     # Train without data first: a message, not a traceback
     page.click("#lorsu-train")
-    assert "Pick example data" in tour.wait_status(page, "Pick example data")
+    tour.wait_status(page, "upload your own images first", 20000)
 
     seen = tour.teach_and_train(page, "Coloured squares: colours")
     assert re.search(r"TI\s*[+-]\d+\.\d", seen["ti"]), seen["ti"]

@@ -31,11 +31,12 @@ def open_browser(playwright):
 
 
 def status(page) -> str:
-    return page.inner_text("#lorsu-status")
+    """The status line's text (without the queue/timer overlay Gradio may put over it)."""
+    return page.inner_text("#lorsu-status .lorsu-status").strip()
 
 
 def wait_status(page, text: str, timeout: int = TIMEOUT_MS) -> str:
-    page.wait_for_selector(f"#lorsu-status:has-text('{text}')", timeout=timeout)
+    page.wait_for_selector(f"#lorsu-status .lorsu-status:has-text('{text}')", timeout=timeout)
     return status(page)
 
 
