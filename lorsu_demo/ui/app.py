@@ -866,7 +866,7 @@ def create(
     control_dirs: list[str] | None = None,
     device: str | None = None,
 ) -> gr.Blocks:
-    bundle, notice = engine.load_model(model or env_model(), device=device)
+    bundle, notice = engine.load_model(model or env_model(default_model()), device=device)
     return build_app(AppCore(bundle, notice, domains_dir, control_dirs))
 
 
@@ -913,7 +913,7 @@ def run(args) -> int:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
-    model = args.model or env_model()
+    model = args.model or env_model(default_model())
     print(f"Loading {model}…", file=sys.stderr, flush=True)
     try:
         demo = create(model, args.domains, args.control, args.device)
@@ -924,6 +924,17 @@ def run(args) -> int:
     port = args.port or (int(os.environ["GRADIO_SERVER_PORT"]) if _env_port() else None)
     launch(demo, host=host, port=port)
     return 0
+
+
+def default_model() -> str:
+    """`toy` (offline, CPU), except on a Hugging Face Space with a GPU, where the README's
+    front matter preloads LLaVA-1.5-7B: then `llava-1.5-7b`. LORSU_MODEL / --model win."""
+    if os.environ.get("SPACE_ID"):
+        import torch
+
+        if torch.cuda.is_available():
+            return "llava-1.5-7b"
+    return OFFLINE_PRESET
 
 
 def _env_port() -> bool:
