@@ -76,6 +76,14 @@ def _key(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None) if request is not None else None
 
 
+def _explain(err: Exception) -> str:
+    """A user's mistake as its message; anything else as a short note (the log has the rest)."""
+    if isinstance(err, UserError):
+        return str(err)
+    log.exception("unexpected error in a handler")
+    return f"Something went wrong ({type(err).__name__}): nothing was changed. Try again."
+
+
 def _status(message: str, tone: str = "info") -> str:
     return figures.status_html(message, tone)
 
@@ -445,8 +453,8 @@ def build_app(core: AppCore) -> gr.Blocks:
                 return [gr.skip()] * len(data_outputs)
             try:
                 return show_data(core.select(_key(request), name))
-            except UserError as err:
-                return [_status(str(err), "error")] + [gr.skip()] * (len(data_outputs) - 1)
+            except Exception as err:  # shown as a message; logged
+                return [_status(_explain(err), "error")] + [gr.skip()] * (len(data_outputs) - 1)
 
         example.change(on_example, [example], data_outputs, **PRIVATE, **LIGHT)
 
@@ -459,8 +467,8 @@ def build_app(core: AppCore) -> gr.Blocks:
         def on_upload(cards=(), zip_path=None, files=(), request: gr.Request = None):
             try:
                 data = core.upload(_key(request), cards, zip_path, files or [])
-            except UserError as err:
-                return [_status(str(err), "error")] + [gr.skip()] * len(data_outputs)
+            except Exception as err:  # shown as a message; logged
+                return [_status(_explain(err), "error")] + [gr.skip()] * len(data_outputs)
             return [*show_data(data), gr.update(value=None)]
 
         def on_cards(values: dict, request: gr.Request):
@@ -643,8 +651,8 @@ def build_app(core: AppCore) -> gr.Blocks:
             try:
                 message = core.rollback(key, int(target))
                 tone = "done"
-            except UserError as err:
-                message, tone = str(err), "error"
+            except Exception as err:  # shown as a message; logged
+                message, tone = _explain(err), "error"
             return (gr.update(visible=False), _status(message, tone), *views.sessions(key))
 
         confirm_yes.click(
@@ -659,8 +667,8 @@ def build_app(core: AppCore) -> gr.Blocks:
             key = _key(request)
             try:
                 message, tone = core.import_history(key, path), "done"
-            except UserError as err:
-                return (_status(str(err), "error"), *[gr.skip()] * 7)
+            except Exception as err:  # shown as a message; logged
+                return (_status(_explain(err), "error"), *[gr.skip()] * 7)
             return (_status(message, tone), *views.sessions(key))
 
         upload_history.upload(on_import, [upload_history], [status, *session_outputs], **PRIVATE,
@@ -670,8 +678,8 @@ def build_app(core: AppCore) -> gr.Blocks:
             key = _key(request)
             try:
                 path = core.export_model(key, target)
-            except UserError as err:
-                return _status(str(err), "error"), gr.update(visible=False)
+            except Exception as err:  # shown as a message; logged
+                return _status(_explain(err), "error"), gr.update(visible=False)
             chosen = int(target or 0)
             return (
                 _status(f"The model after session {chosen} is ready to download below.", "done"),
