@@ -78,6 +78,8 @@ def test_train_streams_updates_and_chat_answers(served, images):
     assert isinstance(answer, str) and answer and isinstance(base, str) and base
     with pytest.raises(Exception, match="no session 7"):
         ask(c, images[0], version=7)
+    with pytest.raises(Exception, match="no example domain 'nowhere'"):
+        c.predict("nowhere", "lorsu", 5, 1, {}, api_name="/train")
 
 
 def test_cancel_leaves_no_session(served):

@@ -401,3 +401,10 @@ def test_missing_toy_model_falls_back_to_tiny_random(monkeypatch, tmp_path):
     assert bundle.name == "tiny-random" and "toy model is missing" in notice
     with pytest.raises(model.BundleError):
         engine.load_model(str(tmp_path / "nothing-here"))
+
+
+def test_the_app_subcommand_is_registered():
+    from lorsu_demo.cli import build_parser
+
+    args = build_parser().parse_args(["app", "--model", "tiny-random", "--port", "7999"])
+    assert args.command == "app" and args.model == "tiny-random" and args.port == 7999
