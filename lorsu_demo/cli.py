@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--alpha", type=float)
     train.add_argument("--sparsity", type=float, help="fraction of fc1 entries trained")
     train.add_argument(
+        "--template",
+        action="append",
+        help="caption template containing {label} (repeatable; default: DIR/templates.txt, "
+        'else "a photo of a {label}.")',
+    )
+    train.add_argument(
         "--multi-positive", action="store_true", help="same-class pairs are positives"
     )
     train.add_argument(
@@ -256,4 +262,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+from . import bench  # noqa: E402,F401  (adds `bench flops|session`)
 from .ui import cli as _app_command  # noqa: E402,F401  (registers `python -m lorsu_demo app`)

@@ -14,6 +14,7 @@ from .data import (
     DataError,
     Domain,
     LabelledImages,
+    check_template,
     load_domain,
     load_folder,
     plan_sessions,
@@ -54,11 +55,17 @@ class RunPlan:
 
 
 def plan_run(
-    bundle, data: str | Path, controls: list[str] | None, sessions: int, shots: int, seed: int
+    bundle,
+    data: str | Path,
+    controls: list[str] | None,
+    sessions: int,
+    shots: int,
+    seed: int,
+    templates: list[str] | None = None,
 ) -> RunPlan:
     domain = load_domain(data, seed=seed)
     plans = plan_sessions(domain, sessions, shots, seed)
-    templates = domain.templates
+    templates = [check_template(t) for t in templates] if templates else domain.templates
     target = EvalSet(domain.name, domain.test, domain.classes, templates, role="target")
     session_sets = []
     if len(plans) > 1:

@@ -134,3 +134,17 @@ def test_existing_run_is_not_overwritten(run_dir, colour_folder, capsys):
         ["train", "--model", "tiny-random", "--data", str(colour_folder), "--out", str(out)]
     )
     assert code == 2 and "already holds a run" in capsys.readouterr().err
+
+
+def test_template_without_label_is_refused(colour_folder, tmp_path, capsys):
+    args = [
+        "train",
+        "--model",
+        "tiny-random",
+        "--data",
+        str(colour_folder),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main([*args, "--template", "a photo of a thing."]) == 2
+    assert "must contain {label}" in capsys.readouterr().err
