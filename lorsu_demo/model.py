@@ -265,7 +265,24 @@ def _finish(bundle: Bundle) -> Bundle:
         module.to(bundle.device, bundle.dtype).eval().requires_grad_(False)
     # The pretrained temperature is part of the loss definition, never trained.
     bundle.clip.logit_scale.data = bundle.clip.logit_scale.data.float()
+    if bundle.dtype in (torch.bfloat16, torch.float16):
+        keep_encoder_fp32(bundle)
     return bundle
+
+
+def keep_encoder_fp32(bundle: Bundle) -> None:
+    """Sessions move encoder weights by steps of about lr = 1e-5, which round away in 16-bit
+    weights: the shared vision tower and CLIP's visual projection (0.3 B parameters at
+    LLaVA-1.5 scale) stay in fp32 while the LLM and projector run in 16 bits. The projector
+    is handed its own dtype; fp32 matrix products use TF32 tensor cores on GPUs."""
+    bundle.vision.float()
+    bundle.clip.visual_projection.float()
+    projector = bundle.vlm.model.multi_modal_projector
+    dtype = projector.linear_1.weight.dtype
+    projector.register_forward_pre_hook(lambda module, args: tuple(a.to(dtype) for a in args))
+    if bundle.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def build_tiny_random(
