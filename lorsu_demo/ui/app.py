@@ -259,8 +259,8 @@ def build_app(core: AppCore) -> gr.Blocks:
                         )
                         data_gallery = gr.Gallery(
                             label="One training image per class",
-                            columns=6,
-                            height="auto",
+                            columns=8,
+                            height=150,
                             visible=False,
                             allow_preview=False,
                         )
