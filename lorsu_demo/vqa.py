@@ -173,31 +173,74 @@ def answer_batch(bundle, questions: list[str], answers: list[str]) -> dict[str, 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "start": answer_start}
 
 
-def vlm_answer_loss(bundle, pixels: torch.Tensor, questions: list[str], answers: list[str]):
+def vlm_answer_loss(
+    bundle,
+    pixels: torch.Tensor,
+    questions: list[str],
+    answers: list[str],
+    chunk: int | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy of the answers' tokens given image and prompt, through the VLM.
 
     The same computation as `LlavaForConditionalGeneration(..., labels=...)`, written out so
     that nothing reads tensor values (it runs on the meta device for FLOP counts) and the LM
-    head is applied only where answer tokens are predicted."""
+    head is applied only where answer tokens are predicted.
+
+    `chunk`: when only the encoder (and projector) train, the LLM part runs `chunk` images at
+    a time, each chunk's backward stopping at the image features; the returned loss then
+    carries those feature gradients into the encoder. The gradients are the same as in one
+    pass (up to summation order); the LLM's activations are held for one chunk only (a batch
+    of 16 at 7B needs about 55 GB of them at once)."""
+    vlm = bundle.vlm
+    batch = answer_batch(bundle, questions, answers)
+    pixels = pixels.to(bundle.device, bundle.dtype)
+    features = vlm.model.get_image_features(pixel_values=pixels)
+    features = torch.stack(list(features.pooler_output))  # (images, tokens, width)
+    answer_tokens = int((batch["labels"] != IGNORE).sum())
+    rows = len(answers)
+    llm_trains = any(
+        p.requires_grad for m in (vlm.model.language_model, vlm.lm_head) for p in m.parameters()
+    )
+    if (
+        not chunk
+        or chunk >= rows
+        or llm_trains
+        or not torch.is_grad_enabled()
+        or not features.requires_grad
+    ):
+        return _answer_nll(bundle, batch, features, slice(None)) / answer_tokens
+    leaf = features.detach().requires_grad_(True)
+    total = torch.zeros((), device=features.device)
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        loss = _answer_nll(bundle, batch, leaf[part], part) / answer_tokens
+        loss.backward()
+        total = total + loss.detach()
+    carry = (features * leaf.grad).sum()
+    return carry - carry.detach() + total
+
+
+def _answer_nll(bundle, batch, features, rows: slice) -> torch.Tensor:
+    """Summed cross-entropy of the answer tokens of `rows` of the batch."""
     vlm = bundle.vlm
     device = bundle.device
-    batch = answer_batch(bundle, questions, answers)
-    ids = batch["input_ids"].to(device)
-    attention = batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
-    features = vlm.model.get_image_features(pixel_values=pixels.to(device, bundle.dtype))
-    features = torch.cat(list(features.pooler_output), dim=0)
+    ids = batch["input_ids"][rows].to(device)
+    attention = batch["attention_mask"][rows].to(device)
+    labels = batch["labels"][rows].to(device)
     embeds = vlm.get_input_embeddings()(ids)
     image_id = bundle.processor.tokenizer.convert_tokens_to_ids(bundle.processor.image_token)
     where = (ids == image_id).unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(where, features.to(embeds.dtype))
+    embeds = embeds.masked_scatter(where, features.reshape(-1, features.shape[-1]).to(embeds.dtype))
     hidden = vlm.model.language_model(inputs_embeds=embeds, attention_mask=attention)
     # Position t predicts token t + 1: only the positions that predict answer tokens.
     start = batch["start"] - 1
     logits = vlm.lm_head(hidden.last_hidden_state[:, start:-1]).float()
     targets = labels[:, start + 1 :]
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
 
 
@@ -206,7 +249,13 @@ def answer_loss(ctx, pixels, labels, texts) -> torch.Tensor:
     question = ctx.method.hp.get("question") or DEFAULT_QUESTION
     prompt = PPL_PROMPT.format(question=question)
     answers = [PPL_ANSWER.format(label=display_name(ctx.classes[int(i)])) for i in labels]
-    return vlm_answer_loss(ctx.bundle, pixels, [prompt] * len(answers), answers)
+    return vlm_answer_loss(
+        ctx.bundle,
+        pixels,
+        [prompt] * len(answers),
+        answers,
+        chunk=ctx.method.hp.get("llm_chunk"),
+    )
 
 
 READERS["mc"] = mc_accuracy

@@ -20,7 +20,8 @@ from .lorsu import LoRSU
 class LoRSUPpl(LoRSU):
     name = "lorsu-ppl"
     summary = "LoRSU trained with the VLM's answer loss through the frozen LLM (far more compute)"
-    defaults = {**LoRSU.defaults, "question": DEFAULT_QUESTION}
+    # llm_chunk: images per pass through the LLM (memory only; the gradient is the same).
+    defaults = {**LoRSU.defaults, "question": DEFAULT_QUESTION, "llm_chunk": 4}
     objective = "ppl"
     train_biases = False
     train_projection = False
