@@ -12,7 +12,7 @@ from .data import DataError
 from .delta import applied
 from .history import History, HistoryError
 from .methods import METHODS, MethodError
-from .model import BUNDLE_FILE, OFFLINE_PRESET, BundleError, load_bundle
+from .model import OFFLINE_PRESET, BundleError, load_bundle, save_bundle
 from .runs import HISTORY_FILE, method_settings_for, plan_run, run_sessions, run_summary
 
 USER_ERRORS = (DataError, BundleError, HistoryError, MethodError)
@@ -121,24 +121,13 @@ def cmd_export(args) -> int:
     bundle = load_bundle(model, device="cpu", seed=history.model.get("seed", 0))
     deltas = history.deltas(args.session)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with bundle.lock, applied(bundle.vision_state(), deltas):
-        bundle.vlm.save_pretrained(out)
-        bundle.processor.save_pretrained(out)
-        bundle.clip.save_pretrained(out / "clip")
-        bundle.clip_tokenizer.save_pretrained(out / "clip")
-        bundle.clip_image_processor.save_pretrained(out / "clip")
-    manifest = {
-        "format": "lorsu-demo-bundle",
-        "version": 1,
-        "name": f"{bundle.name}+s{args.session}",
-        "vlm": ".",
-        "clip": "clip",
-        "caption_templates": bundle.caption_templates,
-        "defaults": bundle.defaults,
-        "description": f"{bundle.name} after session {args.session} of {args.run}",
-    }
-    (out / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2))
+        save_bundle(
+            bundle,
+            out,
+            name=f"{bundle.name}+s{args.session}",
+            description=f"{bundle.name} after session {args.session} of {args.run}",
+        )
     say(
         f"wrote the VLM after session {args.session} to {out} (LlavaForConditionalGeneration.from_pretrained loads it)"
     )

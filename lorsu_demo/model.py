@@ -393,3 +393,27 @@ def env_model(default: str = OFFLINE_PRESET) -> str:
     if os.environ.get("SPACE_ID") and torch.cuda.is_available():
         return "llava-1.5-7b"
     return default
+
+
+def save_bundle(bundle: Bundle, out: Path, *, name: str, description: str) -> Path:
+    """Write the bundle as it is now: the VLM at the top (plain transformers loads it), the
+    CLIP side in `clip/`, and a bundle.json so that `load_bundle(out)` reads it back. Callers
+    hold `bundle.lock` with the deltas they want applied."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle.vlm.save_pretrained(out)
+    bundle.processor.save_pretrained(out)
+    for part in (bundle.clip, bundle.clip_tokenizer, bundle.clip_image_processor):
+        part.save_pretrained(out / "clip")
+    manifest = {
+        "format": "lorsu-demo-bundle",
+        "version": 1,
+        "name": name,
+        "vlm": ".",
+        "clip": "clip",
+        "caption_templates": bundle.caption_templates,
+        "defaults": bundle.defaults,
+        "description": description,
+    }
+    (out / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2))
+    return out

@@ -10,7 +10,6 @@ is a no-op and `spaces` need not be installed.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -25,7 +24,15 @@ from ..delta import applied
 from ..events import Done
 from ..history import History
 from ..methods import METHODS, make_method, method_settings
-from ..model import ASSETS_DIR, BUNDLE_FILE, OFFLINE_PRESET, Bundle, BundleError, load_bundle
+from ..model import (
+    ASSETS_DIR,
+    BUNDLE_FILE,
+    OFFLINE_PRESET,
+    Bundle,
+    BundleError,
+    load_bundle,
+    save_bundle,
+)
 from ..session import run_session
 
 try:  # Hugging Face ZeroGPU; a no-op elsewhere, and optional
@@ -269,24 +276,13 @@ def export_worker(deltas, session: int, out: str) -> str:
     name = f"{bundle.name}-session{session}"
     folder = Path(tempfile.mkdtemp(prefix="lorsu-export-")) / name
     try:
-        folder.mkdir(parents=True)
         with bundle.lock, applied(bundle.vision_state(), deltas):
-            bundle.vlm.save_pretrained(folder)
-            bundle.processor.save_pretrained(folder)
-            bundle.clip.save_pretrained(folder / "clip")
-            bundle.clip_tokenizer.save_pretrained(folder / "clip")
-            bundle.clip_image_processor.save_pretrained(folder / "clip")
-        manifest = {
-            "format": "lorsu-demo-bundle",
-            "version": 1,
-            "name": f"{bundle.name}+s{session}",
-            "vlm": ".",
-            "clip": "clip",
-            "caption_templates": bundle.caption_templates,
-            "defaults": bundle.defaults,
-            "description": f"{bundle.name} after session {session} (exported from the app)",
-        }
-        (folder / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2))
+            save_bundle(
+                bundle,
+                folder,
+                name=f"{bundle.name}+s{session}",
+                description=f"{bundle.name} after session {session} (exported from the app)",
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(folder.rglob("*")):
