@@ -1,0 +1,120 @@
+"""Accuracy through the VLM's answers: 5-way multiple choice and open-ended (SPEC section 4)."""
+
+import json
+
+import pytest
+from conftest import COLOURS, colour_set
+
+from lorsu_demo import vqa
+from lorsu_demo.cli import main
+from lorsu_demo.evaluate import READERS, EvalSet, accuracy
+from lorsu_demo.history import History
+from lorsu_demo.runs import HISTORY_FILE
+
+CLASSES = ["cat", "dog", "fox", "owl", "bee", "ant", "elk"]
+
+
+def test_readers_are_registered():
+    assert READERS["mc"] is vqa.mc_accuracy and READERS["open"] is vqa.open_accuracy
+
+
+def test_multiple_choice_prompt_is_the_papers():
+    options, letter = vqa.choices_for("fox", CLASSES, "set:0")
+    prompt = vqa.mc_prompt("What animal is this?", options)
+    lines = prompt.split("\n")
+    assert lines[0] == "What animal is this?"
+    assert [line[:3] for line in lines[1:6]] == ["A. ", "B. ", "C. ", "D. ", "E. "]
+    assert lines[6] == "Answer with the option's letter from the given choices directly."
+    assert len(lines) == 7
+    assert options["ABCDE".index(letter)] == "fox"
+    assert len(set(options)) == 5 and set(options) <= set(CLASSES)
+
+
+def test_distractors_are_seeded_per_image():
+    draws = [vqa.choices_for("fox", CLASSES, f"set:{i}") for i in range(40)]
+    assert draws == [vqa.choices_for("fox", CLASSES, f"set:{i}") for i in range(40)]
+    assert len({tuple(o) for o, _ in draws}) > 10  # different images, different questions
+    assert {letter for _, letter in draws} == set("ABCDE")  # the answer is not always A
+    assert vqa.choices_for("fox", CLASSES, "set:0", seed=1) != draws[0] or any(
+        vqa.choices_for("fox", CLASSES, f"set:{i}", seed=1) != draws[i] for i in range(40)
+    )
+
+
+def test_fewer_than_five_classes_gives_fewer_options():
+    options, letter = vqa.choices_for("red", ["red", "green", "blue"], "k")
+    assert sorted(options) == ["blue", "green", "red"] and letter in "ABC"
+
+
+@pytest.mark.parametrize(
+    "answer, letter, right",
+    [("B", "B", True), (" b.", "B", True), ("B\n", "B", True), ("C", "B", False)]
+    + [("B. dog", "B", False), ("The answer is B", "B", False), ("", "B", False)],
+)
+def test_exact_letter_match(answer, letter, right):
+    assert (vqa.read_letter(answer) == letter) is right
+
+
+@pytest.mark.parametrize(
+    "answer, label, right",
+    [
+        ("This is a red", "red", True),
+        ("A speed limit 30 sign.", "speed_limit_30", True),
+        ("reddish", "red", False),
+        ("speed limit 300", "speed_limit_30", False),
+        ("", "red", False),
+    ],
+)
+def test_open_answer_names_the_class(answer, label, right):
+    assert vqa.names_class(answer, label) is right
+
+
+def target_set():
+    test = colour_set("test", 2, seed=2)
+    return EvalSet("target", test, list(COLOURS))
+
+
+def test_readers_score_what_the_vlm_answers(bundle, monkeypatch):
+    """The readers with a stand-in VLM that answers right, wrong, or right for half."""
+    target = target_set()
+    truth = dict(vqa.mc_questions(target))
+    labels = [i.label for i in target.images.items]
+
+    def right(bundle, images, questions, max_new_tokens):
+        if questions[0] in truth:
+            return [truth[q] + "." for q in questions]
+        return [f"this is a {labels[i]}" for i in range(len(questions))]
+
+    monkeypatch.setattr(vqa, "generate_answers", right)
+    assert accuracy(bundle, target, "mc") == 100.0
+    monkeypatch.setattr(vqa, "generate_answers", lambda b, im, q, n: ["F"] * len(q))
+    assert accuracy(bundle, target, "mc") == 0.0
+    prompts = []
+
+    def half(bundle, images, questions, max_new_tokens):
+        prompts.extend(questions)
+        start = len(prompts) - len(questions)
+        return [
+            labels[start + i] if (start + i) % 2 == 0 else "nothing" for i in range(len(questions))
+        ]
+
+    monkeypatch.setattr(vqa, "generate_answers", half)
+    assert accuracy(bundle, target, "open") == 50.0
+    assert prompts[0] == vqa.PPL_PROMPT.format(question=vqa.DEFAULT_QUESTION)
+
+
+def test_readers_run_end_to_end_on_the_tiny_vlm(bundle):
+    target = target_set()
+    first = {r: accuracy(bundle, target, r) for r in ("mc", "open")}
+    assert all(0 <= v <= 100 for v in first.values())
+    assert first == {r: accuracy(bundle, target, r) for r in ("mc", "open")}  # greedy, seeded
+
+
+def test_cli_eval_mc(colour_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--model", "tiny-random", "--data", str(colour_folder), "--shots", "2"]
+    argv += ["--epochs", "1", "--eval", "mc", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert 0 <= summary["sessions"][0]["target_acc"] <= 100
+    history = History.load(out / HISTORY_FILE)
+    assert history.sessions[0].extra["reader"] == "mc"
