@@ -231,3 +231,28 @@ def test_flops_of_a_session_and_the_compute_claim(capsys):
     assert ratio == pytest.approx(full_vlm["tflops"] / lorsu["tflops"])
     assert 10 < ratio < 40
     assert result["session"]["answer_sequence_tokens"] > 576
+
+
+def test_session_bench_runs_on_a_small_bundle(bundle):
+    """`bench session`'s code path (the GPU command) on tiny-random, CPU."""
+    from lorsu_demo.model import load_bundle
+
+    def factory(encoder_fp32=True):
+        return bundle if encoder_fp32 else load_bundle("tiny-random")
+
+    result = bench.time_sessions(
+        "tiny-random",
+        "cpu",
+        ["lorsu", "lorsu-ppl"],
+        images=9,
+        classes=3,
+        epochs=1,
+        batch_size=4,
+        factory=factory,
+    )
+    for name in ("lorsu", "lorsu-ppl"):
+        row = result["methods"][name]
+        assert set(row["seconds_by_phase"]) >= {"scoring", "training", "merging", "evaluating"}
+        assert row["delta_bytes"] > 0 and 0 < row["footprint_values_moved"] <= 1
+    assert set(result["readers"]) == {"clip", "mc", "open"}
+    assert "lorsu_with_bf16_encoder" in result
