@@ -256,3 +256,12 @@ def test_session_bench_runs_on_a_small_bundle(bundle):
         assert row["delta_bytes"] > 0 and 0 < row["footprint_values_moved"] <= 1
     assert set(result["readers"]) == {"clip", "mc", "open"}
     assert "lorsu_with_bf16_encoder" in result
+
+
+def test_four_bit_mode_says_what_it_needs(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without it
+    with pytest.raises(RuntimeError, match="pip install bitsandbytes"):
+        arch.quantize_llm_4bit(arch.build_bundle("llava-1.5-7b"), "cuda")
+    assert set(arch.MEMORY_MODES) == {"bf16", "4bit"}
