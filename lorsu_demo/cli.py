@@ -66,7 +66,7 @@ def cmd_train(args) -> int:
         settings[key.replace("-", "_")] = (
             json.loads(value) if value[:1] in "0123456789-[{tf" else value
         )
-    bundle = load_bundle(args.model, device=args.device, seed=args.seed)
+    bundle = load_bundle(args.model, device=args.device, seed=args.seed, memory=args.memory)
     known = set(METHODS[args.method].defaults) | {
         "lr",
         "epochs",
@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="any other method setting"
     )
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--memory",
+        choices=["bf16", "4bit"],
+        help="4bit: quantize the LLM for 16-24 GB GPUs (bitsandbytes; default LORSU_MEMORY or bf16)",
+    )
     train.add_argument("--device", default=None)
     train.add_argument("--out", required=True, help="run folder (history file and run.json)")
     train.add_argument("--json", action="store_true", help="print one JSON document on stdout")

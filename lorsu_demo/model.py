@@ -329,8 +329,21 @@ def load_bundle(
     dtype: str | torch.dtype | None = None,
     clip: str | None = None,
     seed: int = 0,
+    memory: str | None = None,
 ) -> Bundle:
-    """Load a preset name, a bundle directory (with bundle.json) or a LLaVA checkpoint directory."""
+    """Load a preset name, a bundle directory (with bundle.json) or a LLaVA checkpoint directory.
+
+    `memory="4bit"` (or LORSU_MEMORY=4bit) quantizes the LLM with bitsandbytes for 16-24 GB
+    GPUs; the encoder stays in fp32 either way."""
+    memory = memory or os.environ.get("LORSU_MEMORY", "bf16")
+    if memory == "4bit" and model != "tiny-random":
+        from .arch import quantize_llm_4bit
+
+        bundle = _load_bundle(model, device="cpu", dtype="bf16", clip=clip)
+        bundle.source["model"] = model
+        return quantize_llm_4bit(bundle, str(device or "cuda"))
+    if memory not in ("bf16", "4bit"):
+        raise BundleError(f"Unknown memory mode {memory!r}: use bf16 or 4bit.")
     if model == "tiny-random":
         return build_tiny_random(seed=seed, device=str(device) if device else "cpu")
     bundle = _load_bundle(model, device=device, dtype=dtype, clip=clip)

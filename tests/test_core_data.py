@@ -176,3 +176,8 @@ def test_tiny_random_is_seeded():
     wa, wb, wc = (x.layers[0].mlp.fc1.weight for x in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     assert np.isfinite(wa.numpy()).all()
+
+
+def test_unknown_memory_mode_is_refused():
+    with pytest.raises(BundleError, match="bf16 or 4bit"):
+        load_bundle("toy", memory="8bit")

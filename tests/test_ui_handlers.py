@@ -408,3 +408,15 @@ def test_the_app_subcommand_is_registered():
 
     args = build_parser().parse_args(["app", "--model", "tiny-random", "--port", "7999"])
     assert args.command == "app" and args.model == "tiny-random" and args.port == 7999
+
+
+def test_the_app_reads_accuracy_through_the_vlm_when_asked(core, monkeypatch):
+    """LORSU_READER=mc makes the session's TI and CC come from the VLM's multiple-choice answers."""
+    monkeypatch.setenv("LORSU_READER", "mc")
+    data = core.examples.get("colours")
+    history = History(model=core.bundle.source)
+    args = (history, "lorsu", {**FAST, "epochs": 1}, data.session_images(3, 1), data.target,
+            core.controls, [], [], 1, 3)  # fmt: skip
+    record = list(engine.session_worker(*args))[-1].record
+    assert record.extra["reader"] == "mc"
+    assert all(0 <= v <= 100 for v in record.accuracies.values())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 import zipfile
@@ -229,6 +230,8 @@ def session_worker(
         trained_sets=[target.name],
         seed=seed,
         shots=shots,
+        # clip (fast, the default) or the VLM's own answers: mc / open (SPEC section 4).
+        reader=os.environ.get("LORSU_READER", "clip"),
     )
     try:
         for event in events:
