@@ -20,17 +20,6 @@ from lorsu_demo.toyworld.data import (
 PROCEDURAL = [name for name, d in DOMAINS.items() if d.kind == "procedural"]
 
 
-def _has_sklearn() -> bool:
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_sklearn = pytest.mark.skipif(not _has_sklearn(), reason="scikit-learn not installed")
-
-
 def test_base_dataset_is_deterministic_for_a_seed():
     a, la = base_dataset(2, seed=0)
     b, lb = base_dataset(2, seed=0)
@@ -80,7 +69,6 @@ def test_procedural_domains_are_deterministic(name):
     assert not np.array_equal(a, domain_dataset(name, "test", 2, seed=0)[0])
 
 
-@needs_sklearn
 def test_real_domain_is_deterministic_and_splits_are_disjoint():
     a, la = domain_dataset("handwritten", "train", 3, seed=0)
     b, _ = domain_dataset("handwritten", "train", 3, seed=0)
