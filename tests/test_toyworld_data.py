@@ -114,3 +114,13 @@ def test_write_data_layout(tmp_path, monkeypatch):
             folders = sorted(p.name for p in (root / split).iterdir())
             assert folders == sorted(DOMAINS[name].classes)
             assert all(len(list((root / split / c).glob("*.png"))) == n for c in folders)
+
+
+def test_letters_are_deterministic_and_not_a_class_word():
+    a, la = data.letters_dataset(2, seed=0)
+    b, _ = data.letters_dataset(2, seed=0)
+    assert a.shape == (2 * len(data.LETTER_CLASSES), IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, data.letters_dataset(2, seed=1)[0])
+    assert list(la) == sorted(list(range(len(data.LETTER_CLASSES))) * 2)
+    assert not set(data.LETTER_CLASSES) & set(BASE_CLASSES)

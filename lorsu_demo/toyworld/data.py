@@ -8,6 +8,10 @@ different world.
 - The **base world** ("printed"): thick-stroke digits and filled shapes in a dark ink on a light,
   plain background, with small changes of position, size, rotation, slant, colour and noise.
   The tiny CLIP and LLaVA are trained on it; `control_dataset` is a held-out test set in its look.
+- **Letters** (CLIP training only): 22 lower- and upper-case letters in Pillow's embedded font,
+  in seven looks (printed, outline, inverted, textured, dotted, flat colour, low-resolution).
+  They stand for the rest of the world a real CLIP has seen: the encoder learns features beyond
+  the 18 classes, so that learning a new look need not overwrite the old one.
 - **Domains**: the same kinds of classes in looks the encoder never saw.
   - `handwritten` (real): the UCI handwritten digits bundled with scikit-learn (`load_digits`,
     8x8 scans of 43 people's handwriting), scaled to 32 px.
@@ -17,6 +21,7 @@ different world.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Callable
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 IMAGE_SIZE = 32
 _SS = 4  # supersampling factor for drawing
@@ -33,6 +38,17 @@ _S = IMAGE_SIZE * _SS
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SHAPES = ["circle", "square", "triangle", "star", "heart", "cross", "diamond", "arrow"]
 BASE_CLASSES = DIGITS + SHAPES
+# Letters broaden what the base encoder sees (many looks, their own captions) so that its features
+# are not only the 18 class directions; no example domain uses letters or their looks.
+LETTER_CLASSES = list("abcdefghjkmnpqrtuvwxyz")  # no i, l, o, s: too close to one, zero and five
+LETTER_TEMPLATES = [
+    "a photo of the letter {label}.",
+    "a picture of the letter {label}.",
+    "an image of the letter {label}.",
+    "the letter {label}.",
+    "this is the letter {label}.",
+    "a letter {label}.",
+]
 
 CAPTION_TEMPLATE = "a photo of a {label}."
 # Caption templates used to train the tiny CLIP (the demo's default is the first).
@@ -216,6 +232,69 @@ def render_printed(label: str, rng: np.random.Generator) -> np.ndarray:
     return _finish(canvas, rng, noise=rng.uniform(0, 5))
 
 
+@functools.lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)  # Pillow's embedded font: same on every machine
+
+
+LETTER_LOOKS = ["printed", "outline", "inverted", "textured", "dotted", "bold-colour", "low-res"]
+
+
+def _letter_mask(letter: str, rng: np.random.Generator, stroke: int = 0) -> Image.Image:
+    text = letter.upper() if rng.random() < 0.5 else letter
+    size = int(rng.uniform(0.55, 0.85) * _S)
+    mask = Image.new("L", (_S, _S), 0)
+    centre = (_S / 2 + rng.uniform(-0.08, 0.08) * _S, _S / 2 + rng.uniform(-0.08, 0.08) * _S)
+    ImageDraw.Draw(mask).text(
+        centre, text, font=_font(size), fill=255, anchor="mm", stroke_width=stroke, stroke_fill=255
+    )
+    return mask.rotate(rng.uniform(-15, 15), resample=Image.Resampling.BILINEAR)
+
+
+def render_letter(letter: str, rng: np.random.Generator) -> np.ndarray:
+    """A letter in one of several looks (see LETTER_LOOKS), none of them an example domain's."""
+    look = LETTER_LOOKS[rng.integers(len(LETTER_LOOKS))]
+    state = rng.bit_generator.state
+    weight = int(rng.uniform(0.02, 0.06) * _S)
+    mask = _letter_mask(letter, rng, stroke=weight)
+    if look == "outline":
+        rng.bit_generator.state = state  # the same letter, drawn thinner, cut out of the thick one
+        inner = _letter_mask(letter, rng, stroke=0)
+        mask = Image.fromarray(
+            np.clip(np.asarray(mask, np.int16) - np.asarray(inner, np.int16), 0, 255).astype(
+                np.uint8
+            )
+        )
+    if look == "dotted":
+        yy, xx = np.mgrid[0:_S, 0:_S]
+        pitch = rng.uniform(0.06, 0.1) * _S
+        dots = ((xx % pitch) - pitch / 2) ** 2 + ((yy % pitch) - pitch / 2) ** 2 < (
+            pitch / 2.6
+        ) ** 2
+        mask = Image.fromarray((np.asarray(mask) * dots).astype(np.uint8))
+    if look == "inverted":
+        background = Image.new("RGB", (_S, _S), tuple(int(v) for v in rng.uniform(0, 70, 3)))
+        ink = tuple(int(v) for v in rng.uniform(180, 255, 3))
+    elif look == "textured":
+        noise = rng.uniform(0, 1, (8, 8, 3))
+        low, high = rng.uniform(60, 140), rng.uniform(180, 255)
+        tex = Image.fromarray((low + (high - low) * noise).astype(np.uint8)).resize((_S, _S))
+        background = tex
+        ink = _ink_colour(rng)
+    elif look == "bold-colour":
+        background = Image.new("RGB", (_S, _S), tuple(int(v) for v in rng.uniform(0, 255, 3)))
+        ink = tuple(int(v) for v in rng.uniform(0, 255, 3))
+    else:
+        background = _gradient_background(rng, 185, 255)
+        ink = _ink_colour(rng)
+    canvas = Image.composite(Image.new("RGB", (_S, _S), ink), background, mask)
+    if look == "low-res":  # a coarse scan, blown up again
+        coarse = int(rng.integers(7, 13))
+        canvas = canvas.resize((coarse, coarse), Image.Resampling.BOX)
+        canvas = canvas.resize((_S, _S), Image.Resampling.BICUBIC)
+    return _finish(canvas, rng, noise=rng.uniform(0, 6))
+
+
 _SEGMENTS = {  # endpoints of the seven segments in a unit display cell
     "a": ((0, 0), (1, 0)),
     "b": ((1, 0), (1, 1)),
@@ -317,7 +396,6 @@ def render_sketch(label: str, rng: np.random.Generator) -> np.ndarray:
     return _finish(canvas, rng, noise=rng.uniform(1, 4))
 
 
-_HANDWRITTEN_MARGIN = 3  # the 8x8 scans fill their box; leave some paper around them
 _HANDWRITTEN_TRAIN_POOL = 100  # per class: train images come from the first 100, test after
 
 
@@ -330,12 +408,9 @@ def _load_handwritten() -> tuple[np.ndarray, np.ndarray]:
 
 def handwritten_image(raw8x8: np.ndarray) -> np.ndarray:
     """One 8x8 scan (values 0-16) as a 32-px image: dark ink on white, as the scans are drawn."""
-    inner = IMAGE_SIZE - 2 * _HANDWRITTEN_MARGIN
     ink = Image.fromarray(np.clip(raw8x8 * 16, 0, 255).astype(np.uint8))
-    ink = ink.resize((inner, inner), Image.Resampling.BICUBIC)
-    page = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-    page.paste(ink, (_HANDWRITTEN_MARGIN, _HANDWRITTEN_MARGIN))
-    grey = 255 - np.asarray(page, np.uint8)
+    ink = ink.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+    grey = 255 - np.asarray(ink, np.uint8)
     return np.repeat(grey[..., None], 3, axis=2)
 
 
@@ -366,8 +441,8 @@ DOMAINS: dict[str, Domain] = {
             description=(
                 "Real handwriting: the 8x8 digit scans of the UCI 'Optical Recognition of "
                 "Handwritten Digits' data set (43 writers), as bundled with scikit-learn "
-                "(`sklearn.datasets.load_digits`), scaled to 26x26 with bicubic resampling and "
-                "drawn as dark ink on a white 32x32 page. The base world only saw clean printed strokes."
+                "(`sklearn.datasets.load_digits`), scaled to 32x32 with bicubic resampling and "
+                "drawn as dark ink on white; like the scans, the digits fill the frame. The base world only saw clean printed strokes."
             ),
             source=(
                 "UCI Machine Learning Repository, Optical Recognition of Handwritten Digits "
@@ -435,6 +510,13 @@ def base_dataset(
     return _rendered_set(
         render_printed, "base", list(classes or BASE_CLASSES), split, n_per_class, seed
     )
+
+
+def letters_dataset(
+    n_per_class: int, seed: int = 0, split: str = "train"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Letters in many looks, class-major, labels index LETTER_CLASSES (base training only)."""
+    return _rendered_set(render_letter, "letters", LETTER_CLASSES, split, n_per_class, seed)
 
 
 def control_dataset(n_per_class: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -524,6 +606,7 @@ LICENSES_MD = """# Licences of everything in assets/
 |---|---|---|---|
 | `toy/vlm`, `toy/clip` (weights, tokenizers, processors) | trained from scratch by this project on generated images only | same as this repository | `python -m lorsu_demo.toyworld.train --out assets --seed 0` |
 | `control/` | generated (base-world renderer) | same as this repository | same command |
+| letter images used to train `toy/clip` (not shipped) | drawn with Pillow's embedded default font (Aileron Regular, by Sora Sagano) | Aileron: CC0 1.0; the images: same as this repository | same command (`pip install pillow`) |
 | `domains/seven-segment/`, `domains/sketches/` | generated (procedural renderers) | same as this repository | same command |
 | `domains/handwritten/` | UCI Optical Recognition of Handwritten Digits (E. Alpaydin, C. Kaynak, 1998), https://doi.org/10.24432/C50P49, as bundled with scikit-learn (`sklearn.datasets.load_digits`) | CC BY 4.0 | `pip install scikit-learn`; the same command selects, scales and writes the images |
 
@@ -542,3 +625,18 @@ def write_data(out: Path, seed: int = 0, n_train: int = 10, n_test: int = 20, n_
     write_control(out, seed, n_control)
     write_domains(out, seed, n_train, n_test)
     write_licenses(out)
+
+
+def contact_sheet(path: Path, seed: int = 0, per_row: int = 10, zoom: int = 3) -> None:
+    """One picture of the world: a row of base images, letters, and each domain's test images."""
+    rows = [base_dataset(1, seed, split="control")[0][::2][:per_row]]
+    rows.append(letters_dataset(1, seed, split="sheet")[0][:per_row])
+    for name in DOMAINS:
+        rows.append(domain_dataset(name, "test", 1, seed)[0][:per_row])
+    width = per_row * IMAGE_SIZE
+    sheet = np.full((len(rows) * (IMAGE_SIZE + 4), width, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        strip = np.concatenate(list(row), axis=1)
+        sheet[r * (IMAGE_SIZE + 4) : r * (IMAGE_SIZE + 4) + IMAGE_SIZE, : strip.shape[1]] = strip
+    image = Image.fromarray(sheet)
+    image.resize((image.width * zoom, image.height * zoom), Image.Resampling.NEAREST).save(path)
