@@ -1,0 +1,126 @@
+"""The committed toy world in assets/: the `toy` preset loads, knows its world, learns a domain,
+and the recipe that made it runs end to end (at a tiny scale here; the real run takes minutes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lorsu_demo import cli
+from lorsu_demo.chat import answer
+from lorsu_demo.data import load_folder
+from lorsu_demo.evaluate import EvalSet, accuracy
+from lorsu_demo.model import load_bundle
+from lorsu_demo.runs import control_sets
+from lorsu_demo.toyworld import train as recipe
+from lorsu_demo.toyworld.data import BASE_CLASSES, DOMAINS, control_dataset, domain_dataset
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+TEMPLATE = "a photo of a {label}."
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_bundle("toy")
+
+
+def domain_test_set(name: str) -> EvalSet:
+    images = load_folder(ASSETS / "domains" / name / "test", name=name)
+    return EvalSet(name, images, DOMAINS[name].classes, [TEMPLATE])
+
+
+def test_toy_preset_loads_from_assets_with_one_vision_tower(toy):
+    assert type(toy.vlm).__name__ == "LlavaForConditionalGeneration"
+    assert type(toy.clip).__name__ == "CLIPModel"
+    assert toy.clip.vision_model is toy.vlm.model.vision_tower
+    assert toy.device.type == "cpu" and toy.dtype == torch.float32
+    assert Path(toy.control_dir) == (ASSETS / "control").resolve()
+    assert toy.defaults["lr"] > 0 and toy.defaults["epochs"] >= 1
+
+
+def test_assets_fit_the_size_budget():
+    total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
+    assert total <= 25 * 2**20, f"assets/ holds {total / 2**20:.1f} MB"
+
+
+@pytest.mark.parametrize("name", list(DOMAINS))
+def test_domain_packs_are_complete_and_documented(name):
+    root = ASSETS / "domains" / name
+    readme = (root / "README.md").read_text()
+    assert "Caption template" in readme and "Licence" in readme
+    for split in ("train", "test"):
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(DOMAINS[name].classes)
+        for c in DOMAINS[name].classes:
+            assert len(list((root / split / c).glob("*.png"))) >= 5
+    assert f"domains/{name}" in (ASSETS / "LICENSES.md").read_text()
+
+
+@pytest.mark.parametrize("name", list(DOMAINS))
+def test_committed_images_are_what_the_recipe_generates(name):
+    expected, labels = domain_dataset(name, "test", 2, seed=0)
+    for c, cls in enumerate(DOMAINS[name].classes):
+        files = sorted((ASSETS / "domains" / name / "test" / cls).glob("*.png"))[:2]
+        on_disk = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        assert np.array_equal(on_disk, expected[labels == c])
+    control, control_labels = control_dataset(1, seed=0)
+    first = sorted((ASSETS / "control" / BASE_CLASSES[0]).glob("*.png"))[0]
+    assert np.array_equal(np.asarray(Image.open(first).convert("RGB")), control[0])
+    assert control_labels[0] == 0
+
+
+def test_base_model_knows_the_control_and_not_the_domains(toy):
+    (control,) = control_sets(toy, None)
+    assert accuracy(toy, control) >= 70.0
+    for name in DOMAINS:
+        assert accuracy(toy, domain_test_set(name)) <= 50.0, name
+
+
+def test_a_seeded_lorsu_session_raises_target_accuracy(tmp_path, capsys):
+    cli.main(
+        ["train", "--data", str(ASSETS / "domains" / "sketches"), "--sessions", "1"]
+        + ["--shots", "5", "--seed", "0", "--out", str(tmp_path / "run"), "--json"]
+    )
+    run = json.loads(capsys.readouterr().out)
+    (session,) = run["sessions"]
+    assert run["model"]["model"] == "toy" and session["method"] == "lorsu"
+    assert session["ti"] >= 10.0, session
+    assert session["cc"] >= -5.0, session
+
+
+def test_chat_answers_a_control_image_with_words_it_knows(toy):
+    control = load_folder(ASSETS / "control")
+    items = [next(i for i in control.items if i.label == c) for c in ("three", "star")]
+    vocabulary = set(toy.processor.tokenizer.get_vocab())
+    for item in items:
+        reply = answer(toy, item.image, "What is in the image?").lower()
+        words = reply.replace(".", " ").split()
+        assert words and set(words) <= vocabulary
+        assert set(words) & set(BASE_CLASSES), reply
+        yes_no = answer(toy, item.image, f"Is this a {item.label}?").lower().strip(" .")
+        assert yes_no in ("yes", "no")
+
+
+def test_chat_multiple_choice_reads_the_control_set(toy):
+    control = load_folder(ASSETS / "control")
+    per_class = {}
+    for item in control.items:
+        per_class.setdefault(item.label, []).append(item)
+    small = type(control)("control", [i for items in per_class.values() for i in items[:2]])
+    assert accuracy(toy, EvalSet("control", small, BASE_CLASSES, [TEMPLATE]), "mc") >= 60.0
+
+
+def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
+    recipe.main(
+        ["--out", str(tmp_path), "--clip-images", "2", "--clip-letters", "1"]
+        + ["--clip-steps", "2", "--llm-images", "2", "--llm-steps", "2", "--threads", "1"]
+        + ["--domain-images", "5", "2"]
+    )
+    written = load_bundle(str(tmp_path / "toy"))
+    assert written.clip.vision_model is written.vlm.model.vision_tower
+    assert sorted(p.name for p in (tmp_path / "domains").iterdir()) == sorted(DOMAINS)
+    assert written.processor.tokenizer.get_vocab() == written.clip_tokenizer.get_vocab()
