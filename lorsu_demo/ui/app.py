@@ -20,6 +20,7 @@ import gradio as gr
 from ..events import Done, Metrics, Phase, Scores, Step, Stopped
 from ..methods import METHODS, method_settings
 from ..model import OFFLINE_PRESET, BundleError, env_model
+from ..vqa import DEFAULT_QUESTION, mc_prompt
 from . import engine, figures, text
 from .core import TABLE_HEADERS, AppCore, UserError
 from .engine import PROBE_QUESTION, ProbeAnswers
@@ -31,7 +32,8 @@ GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
 LIGHT = {"concurrency_limit": 8}
 PRIVATE = {"api_visibility": "private"}
 CARDS = 8
-PLOT_EVERY = 0.35  # seconds between re-drawn curves while training
+PLOT_EVERY = 0.35  # seconds between re-drawn curves while training (at least)
+STATUS_EVERY = 0.3  # seconds between status-only updates while training
 
 CSS = """
 .lorsu-metrics {display: flex; gap: 12px; flex-wrap: wrap;}
@@ -314,7 +316,11 @@ def build_app(core: AppCore) -> gr.Blocks:
                             type="filepath", label="Image", height=260, elem_id="lorsu-chat-image"
                         )
                         question = gr.Textbox(
-                            value=PROBE_QUESTION, label="Question", elem_id="lorsu-question"
+                            value=PROBE_QUESTION,
+                            label="Question",
+                            lines=1,
+                            max_lines=8,
+                            elem_id="lorsu-question",
                         )
                         version = gr.Dropdown(
                             choices=[("0 · base model (no sessions)", 0)],
@@ -353,6 +359,13 @@ def build_app(core: AppCore) -> gr.Blocks:
                         examples_per_page=12,
                         elem_id="lorsu-chat-examples",
                     )
+                gr.Examples(
+                    examples=[[q] for q in QUESTION_EXAMPLES],
+                    inputs=[question],
+                    label="Example questions (the multiple-choice one is how TI and CC are "
+                    "read with the chat model)",
+                    elem_id="lorsu-question-examples",
+                )
 
             # -------------------------------------------------------------------- sessions
             with gr.Tab("3 · Sessions", id="sessions"):
@@ -521,7 +534,7 @@ def build_app(core: AppCore) -> gr.Blocks:
             settings = {name: values[knob] for name, knob in zip(knob_names, knobs, strict=True)}
             allowed = method_settings(method_name) if method_name in METHODS else {}
             settings = {k: v for k, v in settings.items() if k in allowed}
-            drawn, started = 0.0, False
+            drawn, draw_cost, said, started = 0.0, 0.0, 0.0, False
             for event, live in core.train(
                 key, None, method_name, shot_count, epoch_count, settings
             ):
@@ -543,10 +556,15 @@ def build_app(core: AppCore) -> gr.Blocks:
                     yield (_status(live.status, live.tone), *[gr.skip()] * 4, *buttons,
                            *[gr.skip()] * 7)  # fmt: skip
                     continue
+                # A redraw (matplotlib, then Gradio's PNG) can cost more than a training
+                # step: space them by a multiple of what the last one cost, so that drawing
+                # takes at most about a fifth of the session.
                 now = time.monotonic()
-                redraw = final or not isinstance(event, Step) or now - drawn > PLOT_EVERY
-                if redraw:
-                    drawn = now
+                spacing = max(PLOT_EVERY, 4 * draw_cost)
+                redraw = final or not isinstance(event, Step) or now - drawn > spacing
+                if isinstance(event, Step) and not redraw and now - said < STATUS_EVERY:
+                    continue  # every update costs Gradio a round of work: not one per step
+                said = now
                 yield (
                     _status(live.status, live.tone),
                     views.metrics(live) if isinstance(event, Metrics) or final else gr.skip(),
@@ -558,6 +576,9 @@ def build_app(core: AppCore) -> gr.Blocks:
                     *buttons,
                     *(views.sessions(key) if isinstance(event, Done) else [gr.skip()] * 7),
                 )
+                if redraw:
+                    drawn = time.monotonic()
+                    draw_cost = drawn - now
 
         train_event = train_btn.click(
             on_arm, None, [status, train_btn, stop_btn], queue=False, **PRIVATE
@@ -846,6 +867,13 @@ def _gallery_path(item) -> str:
     if isinstance(item, (list, tuple)):
         item = item[0]
     return str(item)
+
+
+QUESTION_EXAMPLES = [
+    PROBE_QUESTION,
+    "Is this a seven?",
+    mc_prompt(DEFAULT_QUESTION, ["circle", "star", "heart", "arrow", "square"]),
+]
 
 
 def _chat_examples(core: AppCore) -> list[list]:

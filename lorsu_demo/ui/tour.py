@@ -9,6 +9,7 @@ install`, which downloads a browser).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -100,6 +101,36 @@ def screenshot(url: str, out: Path, example_title: str | None = None) -> Path:
     return out
 
 
+def walk(url: str, example_title: str | None = None) -> dict:
+    """The README's walk-through, timed: teach -> watch -> chat -> roll back (seconds since the
+    page opened, with what the screen said at each step)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = open_browser(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            start = time.perf_counter()
+            page.goto(url)
+            title = example_title or page.locator("#lorsu-examples label").first.inner_text()
+            steps = {"opened": round(time.perf_counter() - start, 1)}
+            trained = teach_and_train(page, title.strip())
+            steps["trained"] = round(time.perf_counter() - start, 1)
+            answers = chat(page)
+            steps["chatted"] = round(time.perf_counter() - start, 1)
+            rolled = roll_back(page)
+            steps["rolled_back"] = round(time.perf_counter() - start, 1)
+        finally:
+            browser.close()
+    return {
+        "example": title.strip(),
+        "seconds": steps,
+        **trained,
+        "chat": answers,
+        "rollback": rolled,
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs/screenshot.png")
@@ -107,12 +138,18 @@ def main(argv=None) -> int:
     parser.add_argument("--example", default=None, help="title of the example to train on")
     parser.add_argument("--domains", default=None, help="folder of example domains")
     parser.add_argument("--control", action="append", help="control set folder (repeatable)")
+    parser.add_argument(
+        "--walk", action="store_true", help="time the whole walk-through instead (prints JSON)"
+    )
     args = parser.parse_args(argv)
     from .app import create, launch
 
     demo = create(args.model, args.domains, args.control)
     launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
+        if args.walk:
+            print(json.dumps(walk(demo.local_url, args.example), indent=2))
+            return 0
         path = screenshot(demo.local_url, Path(args.out), args.example)
     finally:
         demo.close()
