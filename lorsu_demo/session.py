@@ -19,7 +19,7 @@ from .data import Augment, LabelledImages, normalise, to_unit_pixels, validate
 from .delta import Delta, apply_stack, restore, snapshot
 from .evaluate import EvalSet, accuracy, ti_cc
 from .events import Done, Metrics, Phase, Scores, Step, Stopped
-from .history import History, SessionRecord
+from .history import History, HistoryError, SessionRecord
 from .losses import clip_loss, logit_norm_surrogate
 from .methods import Method
 
@@ -161,6 +161,13 @@ def run_session(
     this and hand the record back). `record.extra["base"]` holds newly measured base accuracies.
     """
     validate(train)
+    earlier = sorted({s.extra.get("reader", "clip") for s in history.sessions} - {reader})
+    if earlier:
+        # The base accuracies in the history were read that way: TI and CC would mix readers.
+        raise HistoryError(
+            f"This history measured accuracy with the '{earlier[0]}' reader; continue it with "
+            f"that reader (not '{reader}'), or start a new history."
+        )
     controls, extra_sets = list(controls), list(extra_sets)
     all_sets = [target, *controls, *extra_sets]
     templates = templates or target.templates or bundle.caption_templates

@@ -189,3 +189,20 @@ def test_accuracy_matrix_figures():
     assert summary["bwt"] == -10.0  # only s1 was trained before the last session
     empty = AccuracyMatrix(["control"], [[80.0]], {})
     assert math.isnan(empty.summary()["avg"])
+
+
+def test_a_history_keeps_the_reader_it_started_with(bundle, train_set, eval_sets):
+    history, _ = train_sessions(bundle, train_set, eval_sets, methods=("lorsu",))
+    target, control = eval_sets
+    events = run_session(
+        bundle,
+        history,
+        make_method("lorsu", **FAST),
+        train_set,
+        target=target,
+        controls=[control],
+        reader="mc",
+    )
+    with pytest.raises(HistoryError, match="'clip' reader"):
+        next(events)
+    assert not bundle.lock.locked()
