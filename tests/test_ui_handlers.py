@@ -62,6 +62,20 @@ def test_train_streams_events_and_saves_one_session(core):
     assert not core.bundle.lock.locked()
 
 
+def test_the_reader_is_chosen_per_history(core):
+    key = "reader"
+    events = list(core.train(key, "colours", "lorsu", 4, 1, FAST, reader="mc"))
+    assert isinstance(events[-1][0], Done)
+    record = core.workspace(key).history.sessions[0]
+    assert record.extra["reader"] == "mc"
+    # another reader would mix base accuracies read two ways: refused, nothing saved
+    event, live = list(core.train(key, "colours", "lorsu", 4, 1, FAST, reader="clip"))[-1]
+    assert live.tone == "error" and "'mc' reader" in live.status
+    assert len(core.workspace(key).history) == 1 and not core.bundle.lock.locked()
+    event, live = list(core.train(key, "colours", "lorsu", 4, 1, FAST, reader="pixels"))[-1]
+    assert live.tone == "error" and "Unknown reader" in live.status
+
+
 def test_stop_between_steps_leaves_no_session(core):
     before = weights(core)
     key = "stop"

@@ -285,6 +285,13 @@ def build_app(core: AppCore) -> gr.Blocks:
                         gr.Markdown(text.SETTINGS, elem_classes="lorsu-small")
                         with gr.Accordion("Advanced settings", open=False):
                             knobs = [_knob(name, "lorsu", bundle) for name in knob_names]
+                            reader = gr.Radio(
+                                choices=READER_CHOICES,
+                                value=engine.default_reader(),
+                                label="Measure TI and CC with",
+                                info=text.READER,
+                                elem_id="lorsu-reader",
+                            )
                         with gr.Row():
                             train_btn = gr.Button(
                                 "Train", variant="primary", elem_id="lorsu-train", scale=2
@@ -531,12 +538,13 @@ def build_app(core: AppCore) -> gr.Blocks:
         def on_train(values: dict, request: gr.Request):
             key = _key(request)
             method_name, shot_count, epoch_count = values[method], values[shots], values[epochs]
+            reader_name = values[reader]
             settings = {name: values[knob] for name, knob in zip(knob_names, knobs, strict=True)}
             allowed = method_settings(method_name) if method_name in METHODS else {}
             settings = {k: v for k, v in settings.items() if k in allowed}
             drawn, draw_cost, said, started = 0.0, 0.0, 0.0, False
             for event, live in core.train(
-                key, None, method_name, shot_count, epoch_count, settings
+                key, None, method_name, shot_count, epoch_count, settings, reader=reader_name
             ):
                 final = live.finished
                 buttons = (gr.update(interactive=final), gr.update(interactive=not final))
@@ -584,7 +592,7 @@ def build_app(core: AppCore) -> gr.Blocks:
             on_arm, None, [status, train_btn, stop_btn], queue=False, **PRIVATE
         ).then(
             on_train,
-            {method, shots, epochs, *knobs},
+            {method, shots, epochs, reader, *knobs},
             [status, metrics, curves, scores, probes, train_btn, stop_btn, *session_outputs],
             show_progress="full",
             show_progress_on=[status],
@@ -869,6 +877,11 @@ def _gallery_path(item) -> str:
     return str(item)
 
 
+READER_CHOICES = [
+    ("CLIP zero-shot (fast)", "clip"),
+    ("The chat model: multiple choice", "mc"),
+    ("The chat model: open answer", "open"),
+]
 QUESTION_EXAMPLES = [
     PROBE_QUESTION,
     "Is this a seven?",

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import DataError, open_image
+from ..evaluate import READERS
 from ..events import Done, Metrics, Phase, Scores, Step, Stopped
 from ..history import History, HistoryError
 from ..methods import METHODS, MethodError
@@ -227,6 +228,7 @@ class AppCore:
         shots: int,
         epochs: int,
         settings: dict | None = None,
+        reader: str | None = None,
     ) -> Iterator[tuple[object, Live]]:
         """Run one session; yield (event, live view) pairs. Ends with a `Done`, a `Stopped` or
         an "error" event. The session's record is appended here when it completes; a stop
@@ -241,6 +243,8 @@ class AppCore:
             data = self.dataset(ws, data_name)
             if method not in METHODS:
                 raise UserError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
+            if reader is not None and reader not in READERS:
+                raise UserError(f"Unknown reader {reader!r}: choose one of {', '.join(READERS)}.")
             values = {**engine.settings_for(self.bundle, method), **(settings or {})}
             values["epochs"] = epochs if epochs else values.get("epochs")
             settings = engine.clean_settings(method, values)
@@ -281,6 +285,7 @@ class AppCore:
             live.probes,
             index,
             shots,
+            reader,
         )
         try:
             yield Phase("start", live.status), live

@@ -191,6 +191,11 @@ def probe_answers(bundle: Bundle, probes: list[Probe], deltas) -> list[str]:
         )
 
 
+def default_reader() -> str:
+    """clip (fast) unless LORSU_READER names the VLM's own answers: mc / open (SPEC section 4)."""
+    return os.environ.get("LORSU_READER", "clip")
+
+
 def _session_seconds(history, method, settings, train, *args, **kwargs) -> int:
     steps = planned_steps(len(train), settings)
     return int(min(600, 60 + 3 * steps))
@@ -208,6 +213,7 @@ def session_worker(
     probes: list[Probe] = (),
     seed: int = 0,
     shots: int | None = None,
+    reader: str | None = None,
 ) -> Iterator:
     """One session as events: ProbeAnswers("before"), run_session's events (Phase, Scores,
     Step, Metrics), ProbeAnswers("after"), then Done(record) or Stopped. `history` is only read;
@@ -230,8 +236,7 @@ def session_worker(
         trained_sets=[target.name],
         seed=seed,
         shots=shots,
-        # clip (fast, the default) or the VLM's own answers: mc / open (SPEC section 4).
-        reader=os.environ.get("LORSU_READER", "clip"),
+        reader=reader or default_reader(),
     )
     try:
         for event in events:

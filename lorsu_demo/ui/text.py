@@ -27,6 +27,12 @@ UPLOAD_ZIP = (
 )
 UPLOAD_FILES = "Or images named `class_anything.png` (for example `cat_01.png`, `dog_07.jpg`)."
 
+READER = (
+    "CLIP compares each test image with a caption per class (fast). The chat model answers "
+    "a 5-way multiple-choice question, or an open one, about each image (slower, what a user "
+    "of the VLM sees). Your history keeps the reader of its first session."
+)
+
 SETTINGS = (
     "**Shots** = training images per class (few-shot learning: 5 is the paper's CL-5). "
     "**Epochs** = passes over them."
