@@ -22,6 +22,7 @@ from ..methods import METHODS, method_settings
 from ..model import OFFLINE_PRESET, BundleError, env_model
 from ..vqa import DEFAULT_QUESTION, mc_prompt
 from . import engine, figures, text
+from .cli import add_arguments
 from .core import TABLE_HEADERS, AppCore, UserError
 from .engine import PROBE_QUESTION, ProbeAnswers
 from .uploads import Card
@@ -931,23 +932,6 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **
         max_file_size="100mb",
         footer_links=["api"],
         **kwargs,
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=None,
-        help=f"preset, bundle folder or LLaVA folder (default: $LORSU_MODEL or {OFFLINE_PRESET})",
-    )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--domains", default=None, help="folder of example domains")
-    parser.add_argument("--control", action="append", help="control set folder (repeatable)")
-    parser.add_argument(
-        "--host", default=None, help="address to serve on (default: $GRADIO_SERVER_NAME)"
-    )
-    parser.add_argument(
-        "--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)"
     )
 
 

@@ -6,22 +6,24 @@ Importing this module does not import Gradio; the app is imported only when the 
 from __future__ import annotations
 
 from .. import cli as _cli
+from ..model import OFFLINE_PRESET
 
 
 def add_app_command(commands) -> None:
     parser = commands.add_parser(
         "app", help="serve the Gradio app (teach, watch, chat, roll back) in a browser"
     )
-    _add_arguments(parser)
+    add_arguments(parser)
     parser.set_defaults(func=_run)
 
 
-def _add_arguments(parser) -> None:
-    # Kept in sync with lorsu_demo.ui.app.add_arguments, without importing gradio here.
+def add_arguments(parser) -> None:
+    """The app's options, for `python -m lorsu_demo app` and `python app.py` alike (here, so
+    that registering the subcommand does not import gradio)."""
     parser.add_argument(
         "--model",
         default=None,
-        help="preset, bundle folder or LLaVA folder (default: $LORSU_MODEL or toy)",
+        help=f"preset, bundle folder or LLaVA folder (default: $LORSU_MODEL or {OFFLINE_PRESET})",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--domains", default=None, help="folder of example domains")
