@@ -13,7 +13,7 @@
 3. Write `assets/toy/` (bundle.json, vlm/, clip/), `assets/control/`, `assets/domains/` and
    `assets/LICENSES.md`.
 
-Everything is seeded; on 2 CPU cores the whole recipe takes about 25 minutes (docs/toyworld.md).
+Everything is seeded; on 2 CPU cores the whole recipe took 26 min 41 s here (docs/toyworld.md).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from tokenizers import pre_tokenizers
 from transformers import CLIPModel, LlavaForConditionalGeneration
 
 from lorsu_demo.chat import prompt_for
+from lorsu_demo.data import normalise
 from lorsu_demo.tiny import (
     BASE_WORDS,
     IMAGE_TOKEN,
@@ -52,6 +53,7 @@ from lorsu_demo.toyworld.data import (
     SHAPES,
     TRAIN_CAPTION_TEMPLATES,
     base_dataset,
+    control_dataset,
     letters_dataset,
     write_data,
 )
@@ -79,8 +81,7 @@ SIZES = dict(
     max_text_positions=32,
 )
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+IMAGE_PROCESSOR = build_image_processor(IMAGE_SIZE)  # the one both saved models use
 
 # The engine's own prompts (lorsu_demo.vqa) come first, so the readers ask what was trained.
 OPEN_QUESTIONS = [
@@ -156,8 +157,8 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] pixels -> CLIP-normalised pixel_values (what CLIPImageProcessor gives at 32 px)."""
-    return (x - CLIP_MEAN) / CLIP_STD
+    """[0, 1] pixels -> pixel_values, as the engine normalises them (`lorsu_demo.data`)."""
+    return normalise(x, IMAGE_PROCESSOR)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -522,7 +523,7 @@ def save_bundle(out: Path, clip, clip_tokenizer, vlm, processor, defaults: dict,
     processor.save_pretrained(toy / "vlm")
     clip.half().save_pretrained(toy / "clip")
     clip_tokenizer.save_pretrained(toy / "clip")
-    build_image_processor(IMAGE_SIZE).save_pretrained(toy / "clip")
+    IMAGE_PROCESSOR.save_pretrained(toy / "clip")
     vlm.float()
     clip.float()
     bundle = {
@@ -607,7 +608,7 @@ def main(argv=None):
             seed=args.seed,
             log=log,
         )
-    ctrl_x, ctrl_y = base_dataset(20, args.seed, split="control")
+    ctrl_x, ctrl_y = control_dataset(20, args.seed)
     acc = clip_zero_shot(clip, clip_tok, ctrl_x, ctrl_y, BASE_CLASSES)
     log(f"CLIP zero-shot on control: {acc:.3f}")
 
