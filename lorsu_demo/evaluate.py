@@ -117,12 +117,25 @@ class AccuracyMatrix:
         ]
 
     def forgetting(self) -> dict[str, float]:
+        """Best accuracy from the set's training session on (every row for a set never
+        trained) minus the latest; rows before its training do not count."""
         a = self.array
-        if len(a) < 2:
-            return {s: 0.0 for s in self.sets}
-        return {s: float(np.nanmax(a[:-1, i]) - a[-1, i]) for i, s in enumerate(self.sets)}
+        last = len(a) - 1
+        out = {}
+        for i, s in enumerate(self.sets):
+            start = self.trained_at.get(s, 0)
+            start = start if 0 < start <= last else 0
+            column = a[start:, i]
+            seen = column[~np.isnan(column)]
+            out[s] = (
+                float(seen.max() - a[last, i]) if len(seen) and not np.isnan(a[last, i]) else 0.0
+            )
+        return out
 
     def summary(self) -> dict[str, float]:
+        """Avg, Last and Transfer exactly as MTIL's `cal_MTIL_metrics` (ZSCL, KeepLoRA) on the
+        rows after each session (the base row is not one of them) and the trained sets only;
+        BWT as SPEC section 4."""
         a = self.array
         trained = self._trained()
         last = len(a) - 1
@@ -134,11 +147,17 @@ class AccuracyMatrix:
         }
         if not trained:
             return out
-        cols = a[:, trained]
-        out["avg"] = float(np.nanmean(cols))
-        out["last"] = float(np.nanmean(cols[-1]))
-        before = [np.nanmean(a[: self.trained_at[self.sets[i]], i]) for i in trained]
-        out["transfer"] = float(np.mean(before))
+        sessions = a[1:]
+        out["avg"] = _mean_seen([_mean_seen(sessions[:, i]) for i in trained])
+        out["last"] = _mean_seen(a[last, trained])
+        # Transfer of a set: its mean over the rows after the sessions before its training.
+        # A set trained in session 1 has no such row: MTIL starts at the second trained set.
+        before = [
+            _mean_seen(a[1 : self.trained_at[self.sets[i]], i])
+            for i in trained
+            if self.trained_at[self.sets[i]] > 1
+        ]
+        out["transfer"] = _mean_seen(before)
         after = [
             a[last, i] - a[self.trained_at[self.sets[i]], i]
             for i in trained
@@ -155,6 +174,13 @@ class AccuracyMatrix:
             "forgetting": self.forgetting(),
             **self.summary(),
         }
+
+
+def _mean_seen(values) -> float:
+    """Mean of the measured values (a set added later has no value in earlier rows)."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")
 
 
 from . import vqa  # noqa: E402,F401  (registers the VLM readers "mc" and "open")
