@@ -22,7 +22,7 @@ from .data import (
 from .evaluate import EvalSet
 from .events import Done, Stopped
 from .history import History
-from .methods import make_method
+from .methods import make_method, preset_defaults
 from .session import run_session
 
 HISTORY_FILE = "history.lorsu"
@@ -81,9 +81,21 @@ def plan_run(
     return RunPlan(domain, target, control_sets(bundle, controls), plans, session_sets)
 
 
+def run_seed(seed: int, index: int) -> int:
+    """The training seed of session `index` of a run seeded `seed` (every session its own)."""
+    return seed * 1000 + index
+
+
+def one_session(domain: Domain, shots: int, seed: int) -> LabelledImages:
+    """The images of a one-session run (`train --sessions 1`): the app draws a session's
+    images this way too, so that `train` with the same seed repeats an app session exactly."""
+    return plan_sessions(domain, 1, shots, seed)[0].train
+
+
 def method_settings_for(bundle, method: str, overrides: dict) -> dict:
-    """The preset's defaults (tuned to its encoder), then what the user set."""
-    settings = {k: v for k, v in bundle.defaults.items()}
+    """The preset's defaults (tuned to its encoder) where the method has no setting of its own
+    (its authors'), then what the user set."""
+    settings = preset_defaults(method, bundle.defaults)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings
 
@@ -112,7 +124,7 @@ def run_sessions(
             controls=plan.controls,
             extra_sets=plan.session_sets,
             trained_sets=trained,
-            seed=seed * 1000 + session.index,
+            seed=run_seed(seed, session.index),
             shots=None,
             reader=reader,
         )

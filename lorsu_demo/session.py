@@ -57,6 +57,21 @@ class SessionContext:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train) / self.batch_size)
 
+    def total_steps(self) -> int:
+        return planned_steps(len(self.train), self.method.hp)
+
+    def batches(self) -> Iterator[tuple[int, tuple]]:
+        """(epoch, batch) for the session's `total_steps()` steps: whole shuffled passes over
+        the images, the last one cut short when the method trains by iterations (DAC)."""
+        total, step, epoch = self.total_steps(), 0, 0
+        while step < total:
+            epoch += 1
+            for batch in self.epoch_batches():
+                if step == total:
+                    return
+                step += 1
+                yield epoch, batch
+
     def epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(normalised augmented pixels, label ids, caption feature per image), shuffled."""
         order = torch.randperm(len(self.train), generator=self.generator)
@@ -85,9 +100,10 @@ class SessionContext:
         for p in params.values():
             p.requires_grad_(True)
             p.grad = None
-        limit = min(len(self.train), int(self.method.hp["max_importance_images"]))
-        pixels = normalise(self.unit_pixels[:limit], self.bundle.clip_image_processor)
-        labels = self.label_ids[:limit]
+        chosen = self.importance_order()
+        limit = len(chosen)
+        pixels = normalise(self.unit_pixels[chosen], self.bundle.clip_image_processor)
+        labels = self.label_ids[chosen]
         template = torch.arange(limit) % len(self.templates)
         texts = self.text_bank[template, labels]
         try:
@@ -100,6 +116,38 @@ class SessionContext:
             for p in params.values():
                 p.requires_grad_(False)
                 p.grad = None
+
+    def importance_order(self) -> torch.Tensor:
+        """The images of the importance pass, in a seeded shuffled order, as the authors'
+        shuffled loader feeds them: the in-batch loss depends on what a batch holds, and
+        one-class batches give another gradient. Above `max_importance_images` the pass takes
+        the first, then the second, ... image of every class, so no class is left out."""
+        limit = min(len(self.train), int(self.method.hp["max_importance_images"]))
+        # Its own generator: the scoring pass must not move the training batches' draws.
+        generator = torch.Generator().manual_seed(self.seed + 7919)
+        order = torch.randperm(len(self.train), generator=generator)
+        if limit < len(order):
+            seen: dict[int, int] = {}
+            turn = []
+            for i in order.tolist():
+                label = int(self.label_ids[i])
+                turn.append(seen.get(label, 0))
+                seen[label] = turn[-1] + 1
+            # A stable sort by "k-th image of its class" keeps the shuffle within each turn.
+            by_turn = torch.tensor(turn).argsort(stable=True)
+            order = order[by_turn[:limit]]
+            order = order[torch.randperm(limit, generator=generator)]
+        return order
+
+
+def planned_steps(images: int, settings: dict) -> int:
+    """Training steps of a session: `iterations` when a method trains by steps (DAC, as its
+    authors), else `epochs` passes of ceil(images / batch_size) steps."""
+    iterations = int(settings.get("iterations") or 0)
+    if iterations > 0:
+        return iterations
+    batch = max(1, int(settings.get("batch_size", 16)))
+    return int(settings.get("epochs", 5)) * math.ceil(images / batch)
 
 
 def _clip_objective(ctx, pixels, labels, texts):
@@ -216,7 +264,7 @@ def run_session(
         seconds["scoring"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        total = int(method.hp["epochs"]) * ctx.steps_per_epoch()
+        total = ctx.total_steps()
         optimizer = torch.optim.Adam(trainable, lr=float(method.hp["lr"]), weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(total, float(method.hp["warmup"]))
@@ -237,33 +285,32 @@ def run_session(
         curve, live = [], []
         eval_at = evaluation_steps(total, eval_points)
         step = 0
-        for epoch in range(int(method.hp["epochs"])):
-            for pixels, labels, texts in ctx.epoch_batches():
-                if should_stop is not None and should_stop():
-                    yield Stopped(f"Stopped at step {step} of {total}: nothing changed.")
-                    return
-                bundle.clip.train()
-                lr = schedule.get_last_lr()[0]
-                loss = ctx.loss(pixels, labels, texts, method.objective)
-                extra = method.extra_loss(ctx)
-                if extra is not None:
-                    loss = loss + extra
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                method.shape_gradients()
-                optimizer.step()
-                method.after_step(lr)
-                schedule.step()
-                bundle.clip.eval()
-                step += 1
-                loss_value = float(loss.detach())
-                curve.append({"step": step, "loss": loss_value, "lr": lr})
-                yield Step(step, total, epoch + 1, loss_value, lr)
-                if step in eval_at and step < total:
-                    now = {s.name: accuracy(bundle, s, reader) for s in [target, *controls]}
-                    ti, cc = ti_cc(now, base, target.name, [c.name for c in controls])
-                    live.append({"step": step, **now})
-                    yield Metrics(step, now, now[target.name], _control(now, controls), ti, cc)
+        for epoch, (pixels, labels, texts) in ctx.batches():
+            if should_stop is not None and should_stop():
+                yield Stopped(f"Stopped at step {step} of {total}: nothing changed.")
+                return
+            bundle.clip.train()
+            lr = schedule.get_last_lr()[0]
+            loss = ctx.loss(pixels, labels, texts, method.objective)
+            extra = method.extra_loss(ctx)
+            if extra is not None:
+                loss = loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            method.shape_gradients()
+            optimizer.step()
+            method.after_step(lr)
+            schedule.step()
+            bundle.clip.eval()
+            step += 1
+            loss_value = float(loss.detach())
+            curve.append({"step": step, "loss": loss_value, "lr": lr})
+            yield Step(step, total, epoch, loss_value, lr)
+            if step in eval_at and step < total:
+                now = {s.name: accuracy(bundle, s, reader) for s in [target, *controls]}
+                ti, cc = ti_cc(now, base, target.name, [c.name for c in controls])
+                live.append({"step": step, **now})
+                yield Metrics(step, now, now[target.name], _control(now, controls), ti, cc)
         seconds["training"] = time.perf_counter() - clock
 
         clock = time.perf_counter()

@@ -7,7 +7,7 @@ from lorsu_demo.session import SessionContext, run_session
 
 FAST = {
     "lr": 1e-2,
-    "epochs": 2,
+    "iterations": 5,  # DAC trains by steps, as its authors (500 at full scale)
     "batch_size": 4,
     "rank": 6,
     "experts_per_image": 3,

@@ -2,11 +2,19 @@
 scoring pass, parameter counts, KeepLoRA's basis, DAC's loss and setting, CC beside the rest."""
 
 import math
+from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from conftest import colour_set
 
 from lorsu_demo.evaluate import AccuracyMatrix
+from lorsu_demo.history import History
+from lorsu_demo.methods import make_method
+from lorsu_demo.runs import method_settings_for
+from lorsu_demo.session import SessionContext, planned_steps, run_session
 
 
 def mtil_metrics(acc: list[list[float]]) -> dict[str, float]:
@@ -58,3 +66,113 @@ def test_matrix_figures_follow_mtil_on_a_hand_made_matrix():
         {"a": 1, "b": 3},
     )
     assert late.summary()["transfer"] == pytest.approx(20.0)
+
+
+# ---- the importance (scoring) pass: LoRSU and SPU ---------------------------------------------
+def scoring_batches(bundle, train, method):
+    """The label ids of every batch the importance pass feeds to the loss."""
+    ctx = SessionContext(bundle, train, sorted(train.classes), bundle.caption_templates, 3, method)
+    seen = []
+    original = ctx.loss
+
+    def recording(pixels, labels, texts, objective="clip"):
+        seen.append(labels.tolist())
+        return original(pixels, labels, texts, objective)
+
+    ctx.loss = recording
+    method.prepare(ctx)
+    return seen, ctx
+
+
+@pytest.mark.parametrize("name", ["lorsu", "spu"])
+def test_scoring_pass_mixes_classes_in_a_seeded_shuffle(bundle, name):
+    train = colour_set("train", 4, seed=1, classes=["red", "green", "blue"])  # class-grouped
+    batches, ctx = scoring_batches(bundle, train, make_method(name, batch_size=4))
+    flat = [label for batch in batches for label in batch]
+    assert sorted(flat) == sorted(ctx.label_ids.tolist())  # every image once
+    grouped = ctx.label_ids.tolist()
+    assert flat != grouped  # not the folder's class-by-class order
+    # Batches of one class were what the grouped order gave (3 of 3 here).
+    assert sum(len(set(batch)) == 1 for batch in batches) < len(batches)
+    again, _ = scoring_batches(bundle, train, make_method(name, batch_size=4))
+    assert again == batches  # seeded: the same session scores the same way
+
+
+def test_scoring_pass_samples_every_class_above_the_limit(bundle):
+    train = colour_set("train", 4, seed=1, classes=["red", "green", "blue"])
+    method = make_method("lorsu", batch_size=4, max_importance_images=6)
+    batches, ctx = scoring_batches(bundle, train, method)
+    flat = [label for batch in batches for label in batch]
+    assert len(flat) == 6
+    # Two of each class: the old pass took the first six images, two classes only.
+    assert Counter(flat) == {0: 2, 1: 2, 2: 2}
+
+
+# ---- DAC ----------------------------------------------------------------------------------
+def test_dac_strength_and_setting_are_the_authors():
+    toy_like = SimpleNamespace(defaults={"lr": 2e-4, "epochs": 20, "batch_size": 16})
+    settings = method_settings_for(toy_like, "dac", {})
+    method = make_method("dac", **settings)
+    hp = method.hp
+    # alpha / r = 1 / 12 at lr 2e-3; 500 iterations of batch 32; AdamW at weight decay 0.
+    assert hp["lr"] * hp["alpha"] / hp["rank"] == pytest.approx(2e-3 / 12)
+    assert (hp["iterations"], hp["batch_size"], hp["weight_decay"]) == (500, 32, 0.0)
+    assert planned_steps(25, hp) == planned_steps(1000, hp) == 500
+
+
+def test_dac_trains_for_its_iterations_across_epochs(bundle, train_set, eval_sets):
+    target, control = eval_sets
+    method = make_method(
+        "dac",
+        iterations=7,
+        batch_size=4,
+        rank=4,
+        experts_per_image=2,
+        experts_per_batch=2,
+        experts_merged=1,
+        ago_columns=1,
+    )
+    events = list(
+        run_session(bundle, History(), method, train_set, target=target, controls=[control])
+    )
+    steps = [e for e in events if e.kind == "step"]
+    # 9 images in batches of 4: 3 steps an epoch, so 7 steps run into a third epoch.
+    assert [s.step for s in steps] == list(range(1, 8))
+    assert all(s.total == 7 for s in steps)
+    assert [s.epoch for s in steps] == [1, 1, 1, 2, 2, 2, 3]
+    scale = method.hp["alpha"] / method.hp["rank"]
+    assert scale == pytest.approx(1 / 4)
+
+
+def test_dac_ago_loss_is_the_mean_over_module_pairs(bundle, train_set):
+    torch.manual_seed(0)
+    method = make_method(
+        "dac", rank=4, experts_per_image=2, experts_per_batch=2, experts_merged=2, ago_columns=2
+    )
+    names = [
+        f"vision.encoder.layers.{l}.{m}.weight"
+        for l in range(bundle.num_layers)
+        for m in ("self_attn.q_proj", "mlp.fc1")
+    ]
+    state = bundle.vision_state()
+    stored = {f"up/{n}": torch.randn(state[n].shape[0], 3) for n in names}
+    ctx = SessionContext(
+        bundle, train_set, sorted(train_set.classes), bundle.caption_templates, 0, method, stored
+    )
+    method.install(ctx)
+    try:
+        for module in method.experts.values():
+            module.up.data.normal_()
+            module.router.votes.copy_(torch.arange(4.0))
+        expected = []
+        for n in names:
+            up = method.experts[n].up.detach()
+            columns = [3, 2]  # the two most-voted experts
+            expected.append(float((up[:, columns].T @ stored[f"up/{n}"]).abs().sum()))
+        ago = float(method.extra_loss(ctx).detach())
+        assert ago == pytest.approx(0.1 * sum(expected) / len(expected), rel=1e-5)
+        assert len(expected) == 2 * bundle.num_layers > 1  # a sum would be this many times larger
+    finally:
+        method.remove(ctx)
+        for param in method.trainable:
+            param.requires_grad_(False)

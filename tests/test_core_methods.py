@@ -35,17 +35,19 @@ def direct_head_scores(bundle, ctx, batch_size):
         for p in ("q_proj", "k_proj", "v_proj")
     ]
     total = [torch.zeros_like(w) for w in weights]
-    pixels = ctx.unit_pixels
     from lorsu_demo.data import normalise
 
-    pixels = normalise(pixels, bundle.clip_image_processor)
+    # The pass's order (a seeded shuffle; tests/test_core_fidelity.py checks it).
+    order = ctx.importance_order()
+    pixels = normalise(ctx.unit_pixels[order], bundle.clip_image_processor)
+    label_ids = ctx.label_ids[order]
     n = len(pixels)
     for w in weights:
         w.requires_grad_(True)
     try:
         for start in range(0, n, batch_size):
             part = slice(start, start + batch_size)
-            labels = ctx.label_ids[part]
+            labels = label_ids[part]
             texts = ctx.text_bank[torch.arange(n)[part] % len(ctx.templates), labels]
             loss = clip_loss(bundle.image_features(pixels[part]), texts, labels, bundle.logit_scale)
             grads = torch.autograd.grad(loss, weights)

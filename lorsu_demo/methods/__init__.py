@@ -40,5 +40,21 @@ def method_settings(name: str) -> dict:
     return {**COMMON_DEFAULTS, **METHODS[name].defaults}
 
 
-__all__ = ["METHODS", "Method", "MethodError", "make_method", "method_settings", "register"]
+def preset_defaults(name: str, preset: dict) -> dict:
+    """The part of a model preset's defaults that applies to method `name`: what the method
+    does not set itself. A preset's defaults are tuned for LoRSU; a method's own defaults are
+    its authors' setting (KeepLoRA's lr 1e-3, DAC's 500 iterations of batch 32 at lr 2e-3)."""
+    own = METHODS[name].defaults if name in METHODS else {}
+    return {k: v for k, v in preset.items() if k not in own}
+
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodError",
+    "make_method",
+    "method_settings",
+    "preset_defaults",
+    "register",
+]
 from . import ppl  # noqa: E402,F401  (registers lorsu-ppl)

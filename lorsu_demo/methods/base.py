@@ -15,6 +15,9 @@ from ..delta import Footprint, Region
 COMMON_DEFAULTS = {
     "lr": 1e-5,
     "epochs": 5,
+    # Steps of training; 0 trains `epochs` passes instead. A method that trains by steps, as
+    # its authors do (DAC: 500), declares it in its own defaults.
+    "iterations": 0,
     "batch_size": 16,
     "weight_decay": 0.0,
     "warmup": 0.1,  # fraction of the steps

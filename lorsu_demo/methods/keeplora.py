@@ -1,14 +1,15 @@
 """KeepLoRA and KeepLoRA++ (SPEC section 5): LoRA confined to the residual subspace.
 
-The protected subspace of each adapted weight (on its input side) is the principal subspace of
-the weight itself (85% of the energy) plus the dominant directions of earlier sessions' input
-features (GPM, 99% of the energy). Each session fixes the LoRA down-factor A to the top singular
-directions of the task gradient projected off that subspace and trains only B.
+Each adapted weight has ONE protected basis (on its input side), grown as the authors grow it:
+it starts, before the first session, as the principal subspace of the weight (85% of the
+energy); after every session the dominant directions of that session's input features join it,
+GPM style, their residual measured against the whole basis (principal plus earlier feature
+directions) until 99% of the features' energy is covered. Each session fixes the LoRA
+down-factor A to the top singular directions of the task gradient projected off the basis and
+trains only B, at the authors' LoRA scale 1/16 (lora_alpha 1, rank 16) and lr 1e-3.
 
-Two choices are ours: the principal subspace is taken from the weights at the start of each
-session (earlier KeepLoRA updates lie in the residual subspace, so it barely moves, and only the
-small feature bases need to be carried between sessions), and KeepLoRA++'s layer scaling uses
-gamma_l = g_min + (1 - g_min) * l / (L - 1), an assumption: the paper's formula is not public.
+One choice is ours: KeepLoRA++'s layer scaling uses gamma_l = g_min + (1 - g_min) * l / (L - 1),
+an assumption: the paper's formula is not public.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class KeepLoRA(Method):
     )
     defaults = {
         "rank": 16,
-        "alpha": 16,
+        "alpha": 1,  # the authors' lora_alpha: scale 1/16 at rank 16
         "lr": 1e-3,
         "principal_energy": 0.85,
         "feature_energy": 0.99,
@@ -84,27 +85,39 @@ class KeepLoRA(Method):
         names = list(self.targets(bundle).values())
         grads = ctx.importance_gradient(names)
         self.down: dict[str, torch.Tensor] = {}
-        self.free_dims: dict[str, int] = {}
+        self.bases: dict[str, torch.Tensor] = {}
         rank = int(self.hp["rank"])
-        for l in range(bundle.num_layers):
-            for m in LINEARS:
-                name = state_name(l, f"self_attn.{m}.weight")
+        for name in names:
+            protected = ctx.carry.get(f"basis/{name}")
+            if protected is None or protected.shape[0] != state[name].shape[1]:
+                # The first session of this method: the pretrained principal subspace.
                 protected = principal_basis(state[name].detach(), self.hp["principal_energy"])
-                features = ctx.carry.get(f"features/{l}/{INPUTS[m]}")
-                if features is not None and features.numel():
-                    protected = torch.linalg.qr(torch.cat([protected, features.to(protected)], 1)).Q
-                g = grads[name].float().cpu()
-                residual = g - (g @ protected) @ protected.T
-                _, s, vh = torch.linalg.svd(residual, full_matrices=False)
-                # Directions of (numerically) zero singular value are arbitrary: drop them, so
-                # that a fully protected weight gets no update rather than a random one.
-                keep = min(rank, int((s > 1e-5 * g.norm()).sum()))
-                down = torch.zeros(rank, g.shape[1])
-                directions = vh[:keep] - (vh[:keep] @ protected) @ protected.T
-                down[:keep] = directions
-                self.down[name] = down
-                self.free_dims[name] = g.shape[1] - protected.shape[1]
-        self.carried = dict(ctx.carry)
+            protected = protected.float().cpu()
+            self.bases[name] = protected
+            g = grads[name].float().cpu()
+            residual = g - (g @ protected) @ protected.T
+            _, s, vh = torch.linalg.svd(residual, full_matrices=False)
+            # Directions of (numerically) zero singular value are arbitrary: drop them, so
+            # that a fully protected weight gets no update rather than a random one.
+            keep = min(rank, int((s > 1e-5 * g.norm()).sum()), g.shape[1] - protected.shape[1])
+            down = torch.zeros(rank, g.shape[1])
+            directions = vh[:keep] - (vh[:keep] @ protected) @ protected.T
+            down[:keep] = directions
+            self.down[name] = down
+        self.carried = {f"basis/{n}": b for n, b in self.bases.items()}
+        self.free_at_start = self.free_dims(bundle)
+
+    def free_dims(self, bundle) -> list[dict[str, int]]:
+        """Per layer, the input dimensions of each adapted weight outside its protected basis:
+        what a KeepLoRA session may still change."""
+        out = []
+        for l in range(bundle.num_layers):
+            row = {}
+            for m in LINEARS:
+                basis = self.carried[f"basis/{state_name(l, f'self_attn.{m}.weight')}"]
+                row[m] = int(basis.shape[0] - basis.shape[1])
+            out.append(row)
+        return out
 
     def footprint(self, ctx):
         state = ctx.bundle.vision_state()
@@ -139,13 +152,14 @@ class KeepLoRA(Method):
 
     @torch.no_grad()
     def _grow_feature_bases(self, ctx) -> dict[str, torch.Tensor]:
-        """Add the dominant directions of this session's layer inputs to the protected bases."""
+        """Add the dominant directions of this session's layer inputs to each weight's basis,
+        measured against that whole basis (principal and earlier directions together)."""
         bundle = ctx.bundle
         captured: dict[str, list[torch.Tensor]] = {}
         hooks = []
         for l, layer in enumerate(bundle.layers):
             for key, module in (("qkv", layer.self_attn.q_proj), ("out", layer.self_attn.out_proj)):
-                name = f"features/{l}/{key}"
+                name = f"{l}/{key}"
 
                 def hook(_module, inputs, _output, name=name):
                     captured.setdefault(name, []).append(
@@ -163,10 +177,13 @@ class KeepLoRA(Method):
             for handle in hooks:
                 handle.remove()
         carried = dict(self.carried)
-        for name, parts in captured.items():
-            carried[name] = extend_basis(
-                carried.get(name), torch.cat(parts), self.hp["feature_energy"]
-            )
+        for l in range(bundle.num_layers):
+            for m in LINEARS:
+                name = state_name(l, f"self_attn.{m}.weight")
+                features = torch.cat(captured[f"{l}/{INPUTS[m]}"])
+                carried[f"basis/{name}"] = extend_basis(
+                    carried[f"basis/{name}"], features, self.hp["feature_energy"]
+                )
         return carried
 
     def carry(self):
@@ -174,7 +191,10 @@ class KeepLoRA(Method):
 
     def report(self, ctx):
         report = super().report(ctx)
-        report["protected_dims"] = {k: int(v.shape[1]) for k, v in self.carry().items()}
+        if hasattr(self, "free_at_start"):
+            report["free_dims"] = self.free_at_start
+            # After the merge the bases hold this session's features: the next session's room.
+            report["free_dims_after"] = self.free_dims(ctx.bundle)
         return report
 
 

@@ -24,7 +24,7 @@ from ..chat import answer, generate_answers, stream_answer
 from ..delta import applied
 from ..events import Done
 from ..history import History
-from ..methods import METHODS, make_method, method_settings
+from ..methods import METHODS, make_method, method_settings, preset_defaults
 from ..model import (
     ASSETS_DIR,
     BUNDLE_FILE,
@@ -34,6 +34,7 @@ from ..model import (
     load_bundle,
     save_bundle,
 )
+from ..session import planned_steps as session_steps
 from ..session import run_session
 
 try:  # Hugging Face ZeroGPU; a no-op elsewhere, and optional
@@ -115,7 +116,8 @@ def settings_for(bundle: Bundle, method: str) -> dict:
     """A method's settings as the app offers them: the method's defaults, then the model's
     (a tiny encoder wants a larger learning rate than LLaVA's)."""
     settings = method_settings(method)
-    settings.update({k: v for k, v in bundle.defaults.items() if k in settings})
+    preset = preset_defaults(method, bundle.defaults)  # the authors' settings stay the authors'
+    settings.update({k: v for k, v in preset.items() if k in settings})
     return settings
 
 
@@ -156,8 +158,7 @@ def clean_settings(method: str, values: dict) -> dict:
 
 
 def planned_steps(images: int, settings: dict) -> int:
-    batch = max(1, int(settings.get("batch_size", 16)))
-    return int(settings.get("epochs", 5)) * math.ceil(images / batch)
+    return session_steps(images, settings)
 
 
 # ---- probes ----------------------------------------------------------------------------------
