@@ -66,7 +66,8 @@ def cmd_train(args) -> int:
         settings[key.replace("-", "_")] = (
             json.loads(value) if value[:1] in "0123456789-[{tf" else value
         )
-    bundle = load_bundle(args.model, device=args.device, seed=args.seed, memory=args.memory)
+    model_seed = args.seed if args.model_seed is None else args.model_seed
+    bundle = load_bundle(args.model, device=args.device, seed=model_seed, memory=args.memory)
     known = set(METHODS[args.method].defaults) | {
         "lr",
         "epochs",
@@ -85,7 +86,7 @@ def cmd_train(args) -> int:
     plan = plan_run(
         bundle, args.data, args.control, args.sessions, args.shots, args.seed, args.template
     )
-    history = History(model=bundle.source)
+    history = compare.start_history(args.start_from, bundle)
     out.mkdir(parents=True, exist_ok=True)
     say(
         f"{bundle.name}: {args.method} on {plan.domain.name}, {len(plan.sessions)} session(s), {args.shots} shots per class"
@@ -194,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
+        "--model-seed", type=int, help="seed of tiny-random's random weights (default: --seed)"
+    )
+    train.add_argument(
+        "--start-from", metavar="HISTORY", help="a history file to continue (its sessions stay)"
+    )
+    train.add_argument(
         "--memory",
         choices=["bf16", "4bit"],
         help="4bit: quantize the LLM for 16-24 GB GPUs (bitsandbytes; default LORSU_MEMORY or bf16)",
@@ -256,5 +263,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-from . import bench  # noqa: E402,F401  (adds `bench flops|session`)
+from . import bench, compare  # noqa: E402,F401  (add `bench flops|session` and `compare`)
 from .ui import cli as _app_command  # noqa: E402,F401  (registers `python -m lorsu_demo app`)

@@ -1,0 +1,464 @@
+"""Several methods on the same data, shots and seed, each from the same starting history.
+
+`run_compare` is a generator of events like `run_session`: for every method a `MethodStart`,
+that session's own events (Phase, Scores, Step, Metrics), then a `MethodResult` carrying the
+session's record; a final `Compared` lists every result. The starting history is only read:
+each method trains from it, and nothing is appended (the caller may keep one record, which
+then follows the history exactly as a plain session would).
+
+`second_reading` reads a finished session's TI and CC again with another accuracy reader (the
+chat model's multiple choice after a CLIP session, say) and stores it in the record, so that a
+record holds both readings: `record.extra["readings"][reader] = {"ti", "cc", ...}`.
+
+The command line gets `python -m lorsu_demo compare` here (registered in `cli.EXTENSIONS`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .delta import applied
+from .evaluate import READERS, EvalSet, accuracy, ti_cc
+from .events import Done, Event, Stopped
+from .history import History, HistoryError
+from .methods import METHODS, MethodError, make_method, method_settings
+from .session import run_session
+
+DEFAULT_METHODS = ["lorsu", "lora", "spu", "full"]
+# The reader a session is read with besides its own: the chat model's multiple choice after a
+# CLIP session (the paper's VQA reading), CLIP after a session read through the chat model.
+SECOND_READER = {"clip": "mc", "mc": "clip", "open": "clip"}
+
+
+@dataclass
+class MethodStart(Event):
+    """Method `index` of `total` starts its session."""
+
+    method: str
+    index: int
+    total: int
+    kind = "method"
+
+
+@dataclass
+class MethodResult(Event):
+    """A method finished: `result` is its row of the comparison, `record` its SessionRecord
+    (not appended anywhere)."""
+
+    method: str
+    result: dict
+    record: Any = field(default=None, repr=False)
+    kind = "result"
+
+
+@dataclass
+class Compared(Event):
+    results: list[dict]
+    kind = "compared"
+
+
+def parse_methods(methods: str | list[str] | None) -> list[str]:
+    """ "lorsu, lora" or ["lorsu", "lora"] -> checked names in order, without repeats."""
+    if methods is None or methods == "" or methods == []:
+        return list(DEFAULT_METHODS)
+    if isinstance(methods, str):
+        methods = methods.split(",")
+    names = []
+    for name in methods:
+        name = str(name).strip()
+        if name and name not in names:
+            names.append(name)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise MethodError(
+            f"Unknown method {unknown[0]!r}: compare any of {', '.join(METHODS)} (comma-separated)."
+        )
+    if not names:
+        raise MethodError(f"Name at least one method to compare: {', '.join(METHODS)}.")
+    return names
+
+
+def settings_per_method(bundle, methods: list[str], overrides: dict) -> dict[str, dict]:
+    """Each method's settings as `train` makes them (`runs.method_settings_for`), with the
+    `overrides` a method has (a rank means nothing to full fine-tuning). An override that no
+    compared method has is a mistake, and says so."""
+    from .runs import method_settings_for
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unused = set(overrides)
+    out = {}
+    for name in methods:
+        own = method_settings(name)
+        mine = {k: v for k, v in overrides.items() if k in own}
+        unused -= set(mine)
+        out[name] = method_settings_for(bundle, name, mine)
+    if unused:
+        raise MethodError(
+            f"None of {', '.join(methods)} has the setting {sorted(unused)[0]!r}; check its "
+            "spelling."
+        )
+    return out
+
+
+# ---- reading a session twice --------------------------------------------------------------
+def known_base(history: History, reader: str) -> dict[str, float]:
+    """Accuracies of the untouched model under `reader` that the history already holds."""
+    primary = history.sessions[0].extra.get("reader", "clip") if history.sessions else None
+    base = dict(history.base) if primary == reader else {}
+    for record in history.sessions:
+        base.update(record.extra.get("readings", {}).get(reader, {}).get("base", {}))
+    return base
+
+
+def second_reading(
+    bundle,
+    history: History,
+    record,
+    target: EvalSet,
+    controls: list[EvalSet] = (),
+    reader: str = "mc",
+) -> dict:
+    """TI and CC of `record` (a session that follows `history`) under `reader`, on the target
+    and the control sets. Stored in `record.extra["readings"]` beside the session's own reading,
+    and returned. Base accuracies under `reader` are taken from the history where earlier
+    sessions measured them, else measured now (and stored with this record)."""
+    if reader not in READERS:
+        raise ValueError(f"unknown accuracy reader {reader!r}: use one of {sorted(READERS)}")
+    readings = record.extra.setdefault("readings", {})
+    own = record.extra.get("reader", "clip")
+    readings.setdefault(own, {"ti": record.ti, "cc": record.cc})
+    if reader == own:
+        return readings[own]
+    sets = [target, *controls]
+    base = known_base(history, reader)
+    clock = time.perf_counter()
+    state = bundle.vision_state()
+    with bundle.lock:
+        new_base = {s.name: accuracy(bundle, s, reader) for s in sets if s.name not in base}
+        with applied(state, [*history.deltas(), record.delta]):
+            now = {s.name: accuracy(bundle, s, reader) for s in sets}
+    base = {**base, **new_base}
+    ti, cc = ti_cc(now, base, target.name, [c.name for c in controls])
+    reading = {
+        "ti": ti,
+        "cc": cc,
+        "accuracies": now,
+        "base": new_base,
+        "seconds": round(time.perf_counter() - clock, 3),
+    }
+    readings[reader] = reading
+    return reading
+
+
+def result_row(record) -> dict:
+    """One method's row of a comparison: TI and CC under the session's reader (`ti`, `cc`),
+    and under every reader it was read with (`ti_clip`, `cc_clip`, `ti_mc`, `cc_mc`, ...)."""
+    reader = record.extra.get("reader", "clip")
+    row = {
+        "method": record.method,
+        "reader": reader,
+        "ti": record.ti,
+        "cc": record.cc,
+        "target_acc": record.accuracies.get(record.target),
+        "control_acc": _mean([record.accuracies[c] for c in record.controls]),
+        "trainable_params": record.trainable_params,
+        "delta_bytes": record.delta_bytes,
+        "changed_values": record.delta.changed_values,
+        "seconds": round(sum(record.seconds.values()), 3),
+        "settings": record.settings,
+    }
+    readings = {reader: {"ti": record.ti, "cc": record.cc}, **record.extra.get("readings", {})}
+    for name, reading in readings.items():
+        row[f"ti_{name}"] = reading["ti"]
+        row[f"cc_{name}"] = reading["cc"]
+    return row
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+# ---- the comparison -----------------------------------------------------------------------
+def run_compare(
+    bundle,
+    history: History,
+    methods: list[str],
+    train,
+    *,
+    target: EvalSet,
+    controls: list[EvalSet] = (),
+    extra_sets: list[EvalSet] = (),
+    settings: dict[str, dict] | None = None,
+    seed: int = 0,
+    shots: int | None = None,
+    reader: str = "clip",
+    also: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator:
+    """Train one session per method, each from `history` with the same images and seed; yield
+    MethodStart, the session's events, MethodResult per method, then Compared (or Stopped).
+    `also`: a second reader to read every session with (None: only `reader`)."""
+    settings = settings or {}
+    # Every method and its settings are checked before the first one trains.
+    made = {name: make_method(name, **settings.get(name, {})) for name in methods}
+    if not made:
+        raise MethodError("Name at least one method to compare.")
+    if also is not None and also not in READERS:
+        raise ValueError(f"unknown accuracy reader {also!r}: use one of {sorted(READERS)}")
+    results = []
+    for number, (name, method) in enumerate(made.items(), 1):
+        yield MethodStart(name, number, len(made))
+        events = run_session(
+            bundle,
+            history,
+            method,
+            train,
+            target=target,
+            controls=list(controls),
+            extra_sets=list(extra_sets),
+            trained_sets=[target.name],
+            seed=seed,
+            shots=shots,
+            reader=reader,
+            should_stop=should_stop,
+        )
+        record = None
+        try:
+            for event in events:
+                if isinstance(event, Done):
+                    record = event.record
+                    break
+                yield event
+                if isinstance(event, Stopped):
+                    return
+        finally:
+            events.close()
+        if also is not None:
+            second_reading(bundle, history, record, target, list(controls), also)
+        row = result_row(record)
+        results.append(row)
+        yield MethodResult(name, row, record)
+    yield Compared(results)
+
+
+# ---- the command line ---------------------------------------------------------------------
+def start_history(path: str | Path | None, bundle) -> History:
+    """A new history on `bundle`, or the history file `path` to continue (checked to fit)."""
+    if not path:
+        return History(model=dict(bundle.source))
+    history = History.load(Path(path))
+    made_on, here = history.model.get("model"), bundle.source.get("model")
+    if made_on and here and made_on != here:
+        raise HistoryError(
+            f"{path} was made on the model {made_on!r}, not {here!r}: pass --model {made_on}."
+        )
+    state = bundle.vision_state()
+    for record in history.sessions:
+        for param, patch in record.delta.items():
+            if param not in state or tuple(state[param].shape) != tuple(patch.region.shape):
+                raise HistoryError(
+                    f"{path}: session {record.index} changes {param}, which this model does "
+                    "not have in that shape; it was made on another model."
+                )
+    return history
+
+
+def cmd_compare(args) -> int:
+    from .cli import say
+    from .model import load_bundle
+    from .runs import one_session, plan_run, run_seed
+
+    methods = parse_methods(args.methods)
+    overrides = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key.replace("-", "_")] = json.loads(value) if _looks_json(value) else value
+    seed = args.seed
+    bundle = load_bundle(
+        args.model,
+        device=args.device,
+        seed=seed if args.model_seed is None else args.model_seed,
+        memory=args.memory,
+    )
+    settings = settings_per_method(bundle, methods, overrides)
+    plan = plan_run(bundle, args.data, args.control, 1, args.shots, seed)
+    history = start_history(args.start_from, bundle)
+    train = one_session(plan.domain, args.shots, seed)
+    also = None if args.also_eval == "none" else args.also_eval
+    say(
+        f"{bundle.name}: comparing {', '.join(methods)} on {plan.domain.name}, {args.shots} "
+        f"shots per class, seed {seed}, from {len(history)} earlier session(s)"
+    )
+    current = ""
+    results, records = [], {}
+    for event in run_compare(
+        bundle,
+        history,
+        methods,
+        train,
+        target=plan.target,
+        controls=plan.controls,
+        settings=settings,
+        seed=run_seed(seed, 1),
+        reader=args.eval,
+        also=also,
+    ):
+        if isinstance(event, MethodStart):
+            current = f"[{event.method} {event.index}/{event.total}]"
+            say(f"{current} training from session {len(history)}")
+        elif isinstance(event, MethodResult):
+            results.append(event.result)
+            records[event.method] = event.record
+            say(f"{current} {_describe_result(event.result)}")
+        elif event.kind == "step" and (event.step == event.total or event.step % 10 == 0):
+            say(f"{current} step {event.step}/{event.total} loss {event.loss:.4f}")
+    if args.out:
+        out = Path(args.out)
+        for name, record in records.items():
+            kept = History(model=dict(history.model), base=dict(history.base))
+            for earlier in history.sessions:
+                kept.append(earlier)
+            kept.append(record)
+            kept.save(out / name / "history.lorsu")
+        say(f"wrote {out}/<method>/history.lorsu (continue one with train --start-from)")
+    summary = {
+        "model": bundle.source.get("model"),
+        "data": str(args.data),
+        "target": plan.target.name,
+        "controls": [c.name for c in plan.controls],
+        "shots": args.shots,
+        "seed": seed,
+        "reader": args.eval,
+        "also": also,
+        "start_sessions": len(history),
+        "base": {
+            "target_acc": history.base.get(plan.target.name)
+            if plan.target.name in history.base
+            else _first_base(records, plan.target.name),
+        },
+        "results": results,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(results_table(results))
+    return 0
+
+
+def _first_base(records: dict, name: str):
+    for record in records.values():
+        if name in record.extra.get("base", {}):
+            return record.extra["base"][name]
+    return None
+
+
+def _looks_json(value: str) -> bool:
+    # The same rule as `train --set`: numbers, lists, objects, true/false are JSON.
+    return value[:1] in tuple("0123456789-[{") or value in ("true", "false")
+
+
+def _describe_result(row: dict) -> str:
+    parts = [f"TI {row['ti']:+.1f}", f"CC {row['cc']:+.1f} ({row['reader']})"]
+    for key in row:
+        if key.startswith("ti_") and key != f"ti_{row['reader']}":
+            name = key[3:]
+            parts.append(f"TI {row[key]:+.1f} CC {row[f'cc_{name}']:+.1f} ({name})")
+    parts.append(f"{row['trainable_params']:,} trainable, {row['seconds']:.1f} s")
+    return ", ".join(parts)
+
+
+def results_table(results: list[dict]) -> str:
+    """The comparison as a Markdown table (the CLI prints it; docs paste it)."""
+    readers = []
+    for row in results:
+        readers += [k[3:] for k in row if k.startswith("ti_") and k[3:] not in readers]
+    head = ["method", *[f"{w} {r}" for r in readers for w in ("TI", "CC")]]
+    head += ["trainable params", "delta KB", "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for row in results:
+        cells = [row["method"]]
+        for r in readers:
+            cells += [_signed(row.get(f"ti_{r}")), _signed(row.get(f"cc_{r}"))]
+        cells += [
+            f"{row['trainable_params']:,}",
+            f"{row['delta_bytes'] / 1024:.1f}",
+            f"{row['seconds']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _signed(value) -> str:
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:+.1f}"
+    )
+
+
+def add_commands(commands) -> None:
+    from .model import OFFLINE_PRESET
+
+    compare = commands.add_parser(
+        "compare",
+        help="several methods on the same data, shots and seed, each from the same start",
+    )
+    compare.add_argument("--data", required=True, help="DIR/<class>/*.png, or DIR/train + DIR/test")
+    compare.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, any of {', '.join(METHODS)} (default: %(default)s)",
+    )
+    compare.add_argument(
+        "--model", default=OFFLINE_PRESET, help="preset, bundle folder or LLaVA folder"
+    )
+    compare.add_argument("--control", action="append", help="control set folder (repeatable)")
+    compare.add_argument("--shots", type=int, default=5)
+    compare.add_argument("--epochs", type=int, help="for every method (default: each its own)")
+    compare.add_argument("--lr", type=float, help="for every method (default: each its own)")
+    compare.add_argument("--batch-size", type=int)
+    compare.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a setting, for the methods that have it",
+    )
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument(
+        "--model-seed", type=int, help="seed of tiny-random's random weights (default: --seed)"
+    )
+    compare.add_argument(
+        "--eval",
+        default="clip",
+        choices=["clip", "mc", "open"],
+        help="the accuracy reader of the sessions (and of the live curve)",
+    )
+    compare.add_argument(
+        "--also-eval",
+        default="mc",
+        choices=["mc", "clip", "open", "none"],
+        help="read every session's TI and CC a second way too (default: the chat model's "
+        "multiple choice; none to skip)",
+    )
+    compare.add_argument(
+        "--start-from", metavar="HISTORY", help="a history file: every method continues it"
+    )
+    compare.add_argument(
+        "--out", help="write OUT/<method>/history.lorsu: the start plus that method's session"
+    )
+    compare.add_argument("--memory", choices=["bf16", "4bit"])
+    compare.add_argument("--device", default=None)
+    compare.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    compare.set_defaults(func=cmd_compare)
+
+
+from .cli import EXTENSIONS  # noqa: E402  (cli imports this module at its end)
+
+EXTENSIONS.append(add_commands)
