@@ -176,3 +176,30 @@ def test_dac_ago_loss_is_the_mean_over_module_pairs(bundle, train_set):
         method.remove(ctx)
         for param in method.trainable:
             param.requires_grad_(False)
+
+
+# ---- the parameter count of LoRSU and its ablations -------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "k", "rank"),
+    [("lorsu", 1, 2), ("lorsu", 3, 2), ("lorsu", 2, 64), ("lorsu-aah", 2, 2), ("lorsu-aah", 2, 64)],
+)
+def test_paper_param_count_is_the_authors_for_any_k(bundle, train_set, name, k, rank):
+    method = make_method(name, heads=k, rank=rank)
+    ctx = SessionContext(
+        bundle, train_set, sorted(train_set.classes), bundle.caption_templates, 0, method
+    )
+    method.prepare(ctx)
+    state = bundle.vision_state()
+    d = bundle.head_dim
+    expected = 0
+    for layer, heads in enumerate(method.selected):
+        q = state[f"vision.encoder.layers.{layer}.self_attn.q_proj.weight"]
+        width = q.shape[1]
+        # Their fused in-projection (3D x D) with the selected heads' rows of q, k and v.
+        mask = torch.zeros(3, q.shape[0], width)
+        for h in heads:
+            mask[:, h * d : (h + 1) * d] = 1
+        expected += min(int(mask.sum()), rank * (width + 3 * q.shape[0]))
+        expected += int(method.fc1_masks[layer].sum())
+    expected += rank * sum(state["projection.weight"].shape)
+    assert method.paper_param_count(bundle, range(bundle.num_layers)) == expected

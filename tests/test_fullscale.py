@@ -111,8 +111,14 @@ def test_vision_forward_flops_match_the_architecture(meta_bundle):
 
 
 def lorsu_formula(layers, k=2, rank=64, sparsity=0.1, projection=True):
-    """SPEC section 2: attention LoRA counted as the authors do, fc1 mask, projection LoRA."""
-    attention = layers * k * rank * 2 * WIDTH
+    """SPEC section 2: attention LoRA counted as the authors do (their CLIP code: min(mask,
+    r * (D + 3D)) per layer; their LLaVA code, without the projection: 3 x min(mask, r * 2D)),
+    fc1 mask, projection LoRA."""
+    rows = k * HEAD_DIM * WIDTH
+    if projection:
+        attention = layers * min(3 * rows, rank * 4 * WIDTH)
+    else:
+        attention = layers * 3 * min(rows, rank * 2 * WIDTH)
     fc1 = layers * round(sparsity * MLP * WIDTH)
     return attention + fc1 + (rank * (WIDTH + 768) if projection else 0)
 

@@ -143,14 +143,22 @@ class LoRSU(Method):
         }
 
     def paper_param_count(self, bundle, layers) -> int:
-        """The "learned" parameters as the authors' code counts them (SPEC section 2)."""
+        """The "learned" parameters as the authors' code counts them (SPEC section 2): per
+        layer, the attention (`attention_count`), plus the fc1 mask and the projection's LoRA."""
         state = bundle.vision_state()
-        width = state[state_name(0, "self_attn.q_proj.weight")].shape[1]
-        rank = self.hp["rank"]
-        attention = sum(len(self.selected[l]) for l in layers) * rank * 2 * width
+        out_rows, width = state[state_name(0, "self_attn.q_proj.weight")].shape
+        attention = sum(
+            self.attention_count(len(self.selected[l]) * bundle.head_dim, width, out_rows)
+            for l in layers
+        )
         fc1 = sum(int(self.fc1_masks[l].sum()) for l in layers)
-        projection = rank * sum(state[PROJECTION].shape) if self.train_projection else 0
+        projection = self.hp["rank"] * sum(state[PROJECTION].shape) if self.train_projection else 0
         return attention + fc1 + projection
+
+    def attention_count(self, rows: int, width: int, out_rows: int) -> int:
+        """One layer's attention count from its selected rows (per q, k or v): their CLIP code
+        counts one LoRA on the fused D -> 3D in-projection, capped by the mask's size."""
+        return min(3 * rows * width, self.hp["rank"] * (width + 3 * out_rows))
 
 
 class LoRSURandom(LoRSU):

@@ -28,3 +28,7 @@ class LoRSUPpl(LoRSU):
 
     def adapted_layers(self, bundle) -> list[int]:
         return list(range(bundle.layers_read_by_vlm))
+
+    def attention_count(self, rows: int, width: int, out_rows: int) -> int:
+        """Their LLaVA code counts q, k and v apart: 3 x min(mask size, r * 2D) per layer."""
+        return 3 * min(rows * width, self.hp["rank"] * (width + out_rows))

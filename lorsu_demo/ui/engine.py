@@ -36,6 +36,7 @@ from ..model import (
 )
 from ..session import planned_steps as session_steps
 from ..session import run_session
+from . import zerogpu
 
 try:  # Hugging Face ZeroGPU; a no-op elsewhere, and optional
     import spaces
@@ -52,11 +53,15 @@ MAX_EXPORT_PARAMS = 500_000_000
 
 
 def gpu(duration):
-    """`spaces.GPU(duration=...)` when running on ZeroGPU, else the function unchanged."""
+    """`spaces.GPU(duration=...)` when running on ZeroGPU, else the function unchanged.
+    `duration` may be a callable of the worker's arguments (ZeroGPU calls it per call);
+    LORSU_ZEROGPU_SIZE=xlarge asks for the full card."""
 
     def wrap(fn):
         if spaces is None:
             return fn
+        if zerogpu.slice_size() == "xlarge":
+            return spaces.GPU(duration=duration, size="xlarge")(fn)
         return spaces.GPU(duration=duration)(fn)
 
     return wrap
@@ -198,8 +203,8 @@ def default_reader() -> str:
 
 
 def _session_seconds(history, method, settings, train, *args, **kwargs) -> int:
-    steps = planned_steps(len(train), settings)
-    return int(min(600, 60 + 3 * steps))
+    """The ZeroGPU duration of one session, from its planned steps (see `zerogpu`)."""
+    return zerogpu.session_seconds(planned_steps(len(train), settings))
 
 
 @gpu(duration=_session_seconds)
@@ -249,7 +254,7 @@ def session_worker(
         events.close()
 
 
-@gpu(duration=60)
+@gpu(duration=zerogpu.CHAT_S)
 def chat_worker(image, question: str, deltas, with_base: bool) -> Iterator[tuple[str, str]]:
     """Yield (which, text): the adapted model's answer as it grows, then the base model's."""
     bundle = current()
@@ -275,7 +280,7 @@ def export_size_problem(bundle: Bundle) -> str | None:
     )
 
 
-@gpu(duration=120)
+@gpu(duration=zerogpu.EXPORT_S)
 def export_worker(deltas, session: int, out: str) -> str:
     """Write the VLM (and its CLIP text side) as it was after `session` into a zip at `out`,
     laid out like `python -m lorsu_demo export` (a folder that `load_bundle` and
