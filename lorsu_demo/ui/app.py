@@ -2,7 +2,7 @@
 
 `build_app(core)` lays out the page and wires every button to `AppCore` (see `core.py`); `main`
 is `python app.py` and `python -m lorsu_demo app`. All model work shares one queue lane
-(`concurrency_id="gpu"`, one at a time); per-browser state lives in `core.store`, keyed by
+(`concurrency_id="gpu"`: one at a time, several on ZeroGPU); per-browser state lives in `core.store`, keyed by
 `request.session_hash` and dropped in `demo.unload`.
 """
 
@@ -29,7 +29,10 @@ from .uploads import Card
 
 log = logging.getLogger("lorsu_demo.ui")
 
-GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
+# Model work shares one queue lane. Its width follows the platform: one call at a time where
+# one model is shared (CPU, a dedicated GPU); on ZeroGPU every call runs in its own forked
+# worker on its own GPU slice, so several run side by side (LORSU_GPU_LANES, default 4).
+GPU = {"concurrency_id": "gpu", "concurrency_limit": engine.zerogpu.lane_width()}
 LIGHT = {"concurrency_limit": 8}
 PRIVATE = {"api_visibility": "private"}
 CARDS = 8

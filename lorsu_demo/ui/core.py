@@ -26,7 +26,7 @@ from ..history import History, HistoryError
 from ..methods import METHODS, MethodError
 from ..model import ASSETS_DIR, Bundle
 from ..runs import control_sets
-from . import engine, uploads
+from . import engine, uploads, zerogpu
 from .engine import ProbeAnswers
 from .workspace import Dataset, Examples, Store, Workspace
 
@@ -272,6 +272,8 @@ class AppCore:
             f"Session {index}: {method} on {data.name}, {shots} per class "
             f"({len(train)} images, {steps} steps)…"
         )
+        if zerogpu.on_zerogpu():  # what the visitor's daily GPU quota pays for it
+            live.status += " " + zerogpu.quota_note(steps)
         ws.busy = True
         started = time.perf_counter()
         worker = engine.session_worker(
@@ -306,6 +308,13 @@ class AppCore:
                         + (f", CC {event.record.cc:+.1f}" if self.controls else "")
                         + "). Try it in the Chat tab, or train again."
                     )
+                    if zerogpu.on_zerogpu():
+                        counted = zerogpu.quota_seconds(seconds)
+                        live.status += (
+                            f" It used at most {counted:.0f} s of your daily ZeroGPU quota "
+                            f"({100 * counted / zerogpu.VISITOR_QUOTA_S:.0f}% of a visitor's "
+                            "2 minutes)."
+                        )
                 elif isinstance(event, Stopped):
                     yield self._stopped(live, event.message)
                     return
@@ -313,10 +322,13 @@ class AppCore:
         except USER_ERRORS as err:
             yield self._failed(live, f"{err} Nothing was saved.")
         except Exception as err:  # never a traceback on screen; the log has it
-            log.exception("session failed")
+            problem = zerogpu.gpu_problem(err)  # ZeroGPU's quota and duration refusals
+            if problem is None:
+                log.exception("session failed")
             yield self._failed(
                 live,
-                f"Something went wrong ({type(err).__name__}: {err}). Nothing was saved.",
+                problem
+                or f"Something went wrong ({type(err).__name__}: {err}). Nothing was saved.",
             )
         finally:
             worker.close()
@@ -376,6 +388,11 @@ class AppCore:
                 else:
                     base = text
                 yield adapted, base
+        except Exception as err:
+            problem = zerogpu.gpu_problem(err)
+            if problem is None:
+                raise
+            raise UserError(problem) from None
         finally:
             worker.close()
 
@@ -474,7 +491,13 @@ class AppCore:
         shutil.rmtree(folder, ignore_errors=True)
         out = folder / f"{self.bundle.name}-session{version}.zip"
         deltas = ws.history.deltas(version)
-        return Path(engine.export_worker(deltas, version, str(out)))
+        try:
+            return Path(engine.export_worker(deltas, version, str(out)))
+        except Exception as err:
+            problem = zerogpu.gpu_problem(err)
+            if problem is None:
+                raise
+            raise UserError(problem) from None
 
     # ---- what the tables show --------------------------------------------------------------
     def version_choices(self, key: str | None) -> list[tuple[str, int]]:
