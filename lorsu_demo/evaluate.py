@@ -91,6 +91,32 @@ def ti_cc(accuracies: dict, base: dict, target: str, controls: list[str]) -> tup
     return ti, cc
 
 
+def other_sets_change(
+    accuracies: dict, base: dict, before: dict, exclude: set[str] | list[str]
+) -> dict:
+    """CC's companion. The paper's controls are all the other datasets; here CC is over the
+    control set(s), so beside it: the change on every other set measured (not the target, not
+    a control, not a set this session trained), against the base model as CC is (`change`) and
+    against the model the session started from (`session_change`), naming the worst drop."""
+    names = [n for n in accuracies if n not in set(exclude) and n in base]
+    sets = {
+        n: {
+            "now": accuracies[n],
+            "base": base[n],
+            "change": accuracies[n] - base[n],
+            "session_change": accuracies[n] - before.get(n, base[n]),
+        }
+        for n in names
+    }
+    worst = min(sets, key=lambda n: sets[n]["change"]) if sets else None
+    return {
+        "sets": sets,
+        "mean_change": float(np.mean([v["change"] for v in sets.values()])) if sets else None,
+        "worst": worst,
+        "worst_change": sets[worst]["change"] if worst else None,
+    }
+
+
 @dataclass
 class AccuracyMatrix:
     """a[j, i]: accuracy on set i after session j (row 0 is the untouched base model)."""

@@ -159,6 +159,9 @@ def run_summary(history: History, plan_target: str, controls: list[str]) -> dict
                 "seconds_by_phase": {k: round(v, 3) for k, v in record.seconds.items()},
                 "fc1_density": record.fc1_density,
                 "paper_params": summary["extra"].get("paper_params"),
+                # CC is over the control set(s); this is every other set measured.
+                "others": summary["extra"].get("others"),
+                "free_dims": summary["extra"].get("free_dims"),
             }
         )
     last = history.sessions[-1] if history.sessions else None
@@ -166,9 +169,21 @@ def run_summary(history: History, plan_target: str, controls: list[str]) -> dict
         "model": history.model,
         "base": {"target_acc": history.base.get(plan_target), "control_acc": base_control},
         "sessions": sessions,
-        "final": {"ti": last.ti if last else 0.0, "cc": last.cc if last else 0.0},
+        "final": {
+            "ti": last.ti if last else 0.0,
+            "cc": last.cc if last else 0.0,
+            **_worst_other(last),
+        },
         "accuracy_matrix": history.matrix().to_dict(),
     }
+
+
+def _worst_other(record) -> dict:
+    """The set other than the target and the controls that lost most since the base model."""
+    others = record.extra.get("others") if record else None
+    if not others or others.get("worst") is None:
+        return {"worst_other": None, "worst_other_change": None}
+    return {"worst_other": others["worst"], "worst_other_change": others["worst_change"]}
 
 
 def _mean(values):

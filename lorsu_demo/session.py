@@ -17,7 +17,7 @@ import torch
 
 from .data import Augment, LabelledImages, normalise, to_unit_pixels, validate
 from .delta import Delta, apply_stack, restore, snapshot
-from .evaluate import EvalSet, accuracy, ti_cc
+from .evaluate import EvalSet, accuracy, other_sets_change, ti_cc
 from .events import Done, Metrics, Phase, Scores, Step, Stopped
 from .history import History, HistoryError, SessionRecord
 from .losses import clip_loss, logit_norm_surrogate
@@ -324,6 +324,10 @@ def run_session(
         yield Phase("evaluating", "Evaluating the adapted model")
         accuracies = {s.name: accuracy(bundle, s, reader) for s in all_sets}
         ti, cc = ti_cc(accuracies, base, target.name, [c.name for c in controls])
+        trained_here = trained_sets if trained_sets is not None else [target.name]
+        others = other_sets_change(
+            accuracies, base, before, {target.name, *(c.name for c in controls), *trained_here}
+        )
         live.append({"step": total, **{n: accuracies[n] for n in target_names}})
         yield Metrics(
             total,
@@ -362,6 +366,7 @@ def run_session(
                 "base": new_base,
                 "reader": reader,
                 "live": live,
+                "others": others,
                 **{k: v for k, v in report.items() if k not in _REPORTED},
             },
         )

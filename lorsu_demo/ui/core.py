@@ -302,12 +302,7 @@ class AppCore:
                     live.finished, live.saved, live.tone = True, event.record.index, "done"
                     live.phase = "done"
                     seconds = time.perf_counter() - started
-                    live.status = (
-                        f"Done: session {event.record.index} saved in {seconds:.0f} s "
-                        f"(TI {event.record.ti:+.1f}"
-                        + (f", CC {event.record.cc:+.1f}" if self.controls else "")
-                        + "). Try it in the Chat tab, or train again."
-                    )
+                    live.status = done_status(event.record, seconds, bool(self.controls))
                     if zerogpu.on_zerogpu():
                         counted = zerogpu.quota_seconds(seconds)
                         live.status += (
@@ -511,7 +506,8 @@ class AppCore:
 
     def table_rows(self, key: str | None) -> list[list]:
         rows = []
-        for row in self.workspace(key).history.table():
+        history = self.workspace(key).history
+        for row, record in zip(history.table(), history.sessions, strict=True):
             rows.append(
                 [
                     row["session"],
@@ -522,11 +518,43 @@ class AppCore:
                     _round(row["target_acc"]),
                     _round(row["ti"], signed=True),
                     _round(row["cc"], signed=True) if self.controls else "—",
+                    worst_other(record),
                     round(row["delta_kb"], 1),
                     round(row["seconds"], 1),
                 ]
             )
         return rows
+
+
+def worst_other(record) -> str:
+    """The other set (not the target, not a control) that lost most since the base model:
+    the paper's controls are all the other datasets, ours CC only the control set."""
+    others = record.extra.get("others") or {}
+    if others.get("worst") is None:
+        return "—"
+    return f"{others['worst']} {others['worst_change']:+.1f}"
+
+
+def done_status(record, seconds: float, has_control: bool) -> str:
+    text = (
+        f"Done: session {record.index} saved in {seconds:.0f} s (TI {record.ti:+.1f}"
+        + (f", CC {record.cc:+.1f}" if has_control else "")
+        + ")."
+    )
+    others = record.extra.get("others") or {}
+    if others.get("worst") is not None:
+        text += (
+            f" Other sets: mean {others['mean_change']:+.1f}, worst {others['worst']} "
+            f"{others['worst_change']:+.1f}."
+        )
+    free = record.extra.get("free_dims_after")
+    if free:
+        # KeepLoRA: the input dimensions each layer's q/k/v/out still leaves free.
+        layers = " · ".join(
+            f"L{l} {'/'.join(str(n) for n in row.values())}" for l, row in enumerate(free)
+        )
+        text += f" Free dimensions left (q/k/v/out per layer): {layers}."
+    return text + " Try it in the Chat tab, or train again."
 
 
 def _round(value, signed: bool = False):
@@ -544,6 +572,7 @@ TABLE_HEADERS = [
     "Target acc %",
     "TI",
     "CC",
+    "Worst other set",
     "Change (KB)",
     "Seconds",
 ]
