@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -67,7 +68,9 @@ def cmd_train(args) -> int:
             json.loads(value) if value[:1] in "0123456789-[{tf" else value
         )
     model_seed = args.seed if args.model_seed is None else args.model_seed
-    bundle = load_bundle(args.model, device=args.device, seed=model_seed, memory=args.memory)
+    bundle = load_bundle(
+        args.model, device=args.device, seed=model_seed, memory=args.memory, clip=args.clip
+    )
     known = set(METHODS[args.method].defaults) | {
         "lr",
         "epochs",
@@ -119,7 +122,14 @@ def load_run(run: str) -> History:
 def cmd_export(args) -> int:
     history = load_run(args.run)
     model = args.model or history.model.get("model")
-    bundle = load_bundle(model, device="cpu", seed=history.model.get("seed", 0))
+    # A run on a LLaVA folder records the CLIP it paired it with; --clip / LORSU_CLIP override.
+    recorded_clip = history.model.get("clip") if not args.model else None
+    bundle = load_bundle(
+        model,
+        device="cpu",
+        seed=history.model.get("seed", 0),
+        clip=args.clip or os.environ.get("LORSU_CLIP") or recorded_clip,
+    )
     deltas = history.deltas(args.session)
     out = Path(args.out)
     with bundle.lock, applied(bundle.vision_state(), deltas):
@@ -159,6 +169,16 @@ def cmd_sessions(args) -> int:
     return 0
 
 
+def add_clip_argument(parser) -> None:
+    """`--clip` for every command that takes `--model`."""
+    parser.add_argument(
+        "--clip",
+        default=None,
+        help="CLIP checkpoint (local folder or hub id) whose vision encoder the LLaVA uses; "
+        "needed with a LLaVA folder as --model (default: $LORSU_CLIP)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lorsu_demo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--model", default=OFFLINE_PRESET, help="preset, bundle folder or LLaVA folder"
     )
+    add_clip_argument(train)
     train.add_argument("--data", required=True, help="DIR/<class>/*.png, or DIR/train + DIR/test")
     train.add_argument("--control", action="append", help="control set folder (repeatable)")
     train.add_argument("--method", default="lorsu", choices=list(METHODS))
@@ -222,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--session", type=int, required=True, help="0 is the base model")
     export.add_argument("--out", required=True)
     export.add_argument("--model", help="load the base model from here instead")
+    add_clip_argument(export)
     export.set_defaults(func=cmd_export)
 
     sessions = commands.add_parser("sessions", help="a table of a run's sessions")

@@ -286,6 +286,7 @@ def cmd_compare(args) -> int:
         device=args.device,
         seed=seed if args.model_seed is None else args.model_seed,
         memory=args.memory,
+        clip=args.clip,
     )
     settings = settings_per_method(bundle, methods, overrides)
     plan = plan_run(bundle, args.data, args.control, 1, args.shots, seed)
@@ -418,6 +419,11 @@ def add_commands(commands) -> None:
     )
     compare.add_argument(
         "--model", default=OFFLINE_PRESET, help="preset, bundle folder or LLaVA folder"
+    )
+    compare.add_argument(
+        "--clip",
+        default=None,
+        help="CLIP checkpoint (local folder or hub id) for a LLaVA folder (default: $LORSU_CLIP)",
     )
     compare.add_argument("--control", action="append", help="control set folder (repeatable)")
     compare.add_argument("--shots", type=int, default=5)

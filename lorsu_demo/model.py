@@ -163,6 +163,13 @@ def _dtype_for(device: torch.device, dtype: str | torch.dtype | None) -> torch.d
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
+# Largest relative difference (norm of the difference over the norm) tolerated between a
+# CLIP's encoder weights and the LLaVA's tower: the two checkpoints may be stored in different
+# precisions (LLaVA's in fp16, CLIP's in fp32), which differ by rounding, about 1e-3 in bf16;
+# another CLIP (another size, another training) differs by far more than 1e-2.
+TOWER_TOLERANCE = 1e-2
+
+
 def _tie(clip: nn.Module, vlm: nn.Module) -> None:
     """Make the CLIP model use the VLM's vision tower: one copy of the encoder weights."""
     tower = vlm.model.vision_tower
@@ -172,6 +179,36 @@ def _tie(clip: nn.Module, vlm: nn.Module) -> None:
             f"{type(clip.vision_model).__name__}; the CLIP checkpoint does not fit this VLM"
         )
     clip.vision_model = tower
+
+
+def check_same_tower(clip: nn.Module, vlm: nn.Module, clip_ref: str | None = None) -> None:
+    """Refuse a CLIP whose own vision encoder is not the VLM's tower (before `_tie` drops the
+    CLIP's copy): what the CLIP loss teaches must be what the VLM sees."""
+    tower = vlm.model.vision_tower
+    where = f"The CLIP checkpoint {clip_ref}" if clip_ref else "The CLIP checkpoint"
+    fix = (
+        "Pass --clip (or LORSU_CLIP) with the CLIP whose vision encoder this LLaVA was built "
+        "on (openai/clip-vit-large-patch14-336 for LLaVA-1.5)."
+    )
+    own, theirs = clip.vision_model.state_dict(), tower.state_dict()
+    if own.keys() != theirs.keys():
+        raise BundleError(f"{where} has another encoder layout than the VLM's tower. {fix}")
+    for name, weight in own.items():
+        other = theirs[name]
+        if weight.shape != other.shape:
+            raise BundleError(
+                f"{where} is not this VLM's vision encoder: {name} is "
+                f"{tuple(weight.shape)} there and {tuple(other.shape)} in the VLM. {fix}"
+            )
+        if weight.is_meta or other.is_meta or not weight.is_floating_point():
+            continue
+        scale = max(float(other.float().norm()), 1e-12)
+        change = float((weight.float() - other.float()).norm())
+        if change > TOWER_TOLERANCE * scale:
+            raise BundleError(
+                f"{where} is not this VLM's vision encoder: its weights differ from the VLM's "
+                f"tower ({name}: relative difference {change / scale:.3g}). {fix}"
+            )
 
 
 def _is_hub_id(ref: str) -> bool:
@@ -241,6 +278,7 @@ def load_pretrained(
     clip = _from_pretrained(CLIPModel, clip_ref, dtype=torch_dtype)
     clip_tokenizer = _from_pretrained(AutoTokenizer, clip_ref)
     clip_image_processor = _from_pretrained(AutoImageProcessor, clip_ref)
+    check_same_tower(clip, vlm, clip_ref)
     _tie(clip, vlm)
     return _finish(
         Bundle(
@@ -334,8 +372,10 @@ def load_bundle(
     """Load a preset name, a bundle directory (with bundle.json) or a LLaVA checkpoint directory.
 
     `memory="4bit"` (or LORSU_MEMORY=4bit) quantizes the LLM with bitsandbytes for 16-24 GB
-    GPUs; the encoder stays in fp32 either way."""
+    GPUs; the encoder stays in fp32 either way. `clip` (or LORSU_CLIP) names the CLIP
+    checkpoint, a hub id or a local folder, for a LLaVA folder or in place of a preset's."""
     memory = memory or os.environ.get("LORSU_MEMORY", "bf16")
+    clip = clip or os.environ.get("LORSU_CLIP") or None
     if memory == "4bit" and model != "tiny-random":
         from .arch import quantize_llm_4bit
 
@@ -380,8 +420,9 @@ def _load_bundle(model: str, *, device, dtype, clip) -> Bundle:
     if directory.is_dir() and (directory / "config.json").exists():
         if clip is None:
             raise BundleError(
-                f"{directory} holds a VLM but no CLIP text side: pass --clip with the CLIP "
-                "checkpoint whose vision tower it uses (e.g. openai/clip-vit-large-patch14-336)"
+                f"{directory} holds a VLM but no CLIP text side: pass --clip (or LORSU_CLIP) "
+                "with the CLIP checkpoint whose vision tower it uses, a local folder or a hub "
+                "id (e.g. openai/clip-vit-large-patch14-336)"
             )
         return load_pretrained(
             str(directory), clip, name=directory.name, device=device, dtype=dtype

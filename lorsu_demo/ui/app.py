@@ -918,8 +918,11 @@ def create(
     domains_dir: str | None = None,
     control_dirs: list[str] | None = None,
     device: str | None = None,
+    clip: str | None = None,
 ) -> gr.Blocks:
-    bundle, notice = engine.load_model(model or env_model(default_model()), device=device)
+    bundle, notice = engine.load_model(
+        model or env_model(default_model()), device=device, clip=clip
+    )
     return build_app(AppCore(bundle, notice, domains_dir, control_dirs))
 
 
@@ -952,7 +955,7 @@ def run(args) -> int:
     model = args.model or env_model(default_model())
     print(f"Loading {model}…", file=sys.stderr, flush=True)
     try:
-        demo = create(model, args.domains, args.control, args.device)
+        demo = create(model, args.domains, args.control, args.device, getattr(args, "clip", None))
     except BundleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ def add_arguments(parser) -> None:
         default=None,
         help=f"preset, bundle folder or LLaVA folder (default: $LORSU_MODEL or {OFFLINE_PRESET})",
     )
+    _cli.add_clip_argument(parser)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--domains", default=None, help="folder of example domains")
     parser.add_argument("--control", action="append", help="control set folder (repeatable)")

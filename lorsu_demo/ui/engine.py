@@ -89,11 +89,14 @@ def notice() -> str | None:
     return _MODEL.get("notice")
 
 
-def load_model(name: str, device: str | None = None) -> tuple[Bundle, str | None]:
-    """Load `name`; when the offline toy model is asked for but missing, fall back to
-    `tiny-random` with a notice (the app still starts). Other failures raise BundleError."""
+def load_model(
+    name: str, device: str | None = None, clip: str | None = None
+) -> tuple[Bundle, str | None]:
+    """Load `name` (with `clip`, or LORSU_CLIP, for a LLaVA folder); when the offline toy
+    model is asked for but missing, fall back to `tiny-random` with a notice (the app still
+    starts). Other failures raise BundleError."""
     try:
-        return load_bundle(name, device=device), None
+        return load_bundle(name, device=device, clip=clip), None
     except BundleError as err:
         if name != OFFLINE_PRESET or (ASSETS_DIR / OFFLINE_PRESET / BUNDLE_FILE).exists():
             raise
