@@ -37,3 +37,15 @@ def test_keeplora_free_dimensions_are_shown(core):
         f"L{l} {'/'.join(str(n) for n in row.values())}" for l, row in enumerate(free)
     )
     assert f"Free dimensions left (q/k/v/out per layer): {shown}." in live.status
+
+
+def test_dac_keeps_its_authors_setting_in_the_app(core):
+    from lorsu_demo.ui import engine, text
+
+    # tiny-random's preset sets lr 1e-3 for LoRSU; DAC keeps its authors' 2e-3.
+    assert core.bundle.defaults["lr"] != 2e-3
+    values = engine.settings_for(core.bundle, "dac")
+    assert (values["iterations"], values["batch_size"], values["lr"]) == (500, 32, 2e-3)
+    assert engine.planned_steps(12, values) == 500
+    assert engine.planned_steps(12, {**values, "iterations": 0, "epochs": 2}) == 2 * 1  # 12 / 32
+    assert "500 steps of 32 images" in text.METHODS_HELP["dac"]

@@ -153,7 +153,12 @@ class Views:
             m = info["accuracy_matrix"]
             parts = [
                 f"**{name}** {m[k]:.1f}"
-                for name, k in (("Avg", "avg"), ("Last", "last"), ("BWT", "bwt"))
+                for name, k in (
+                    ("Avg", "avg"),
+                    ("Last", "last"),
+                    ("Transfer", "transfer"),
+                    ("BWT", "bwt"),
+                )
                 if isinstance(m.get(k), float) and m[k] == m[k]
             ]
             summary = " · ".join(parts) + ("  \n" if parts else "") + text.MATRIX_FIGURES

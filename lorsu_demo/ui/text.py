@@ -35,7 +35,7 @@ READER = (
 
 SETTINGS = (
     "**Shots** = training images per class (few-shot learning: 5 is the paper's CL-5). "
-    "**Epochs** = passes over them."
+    "**Epochs** = passes over them (DAC counts steps instead, as its authors: see Iterations)."
 )
 
 METHODS_HELP = {
@@ -48,15 +48,22 @@ METHODS_HELP = {
     "spu": "Baseline: SPU, which trains 10% of each MLP layer and no attention.",
     "full": "Baseline: every weight of the image encoder trains. Learns fast, forgets most.",
     "keeplora": "KeepLoRA: a low-rank update kept away from the directions that past sessions "
-    "and the pretrained weights rely on most.",
+    "and the pretrained weights rely on most (its authors' strength: scale 1/16, lr 1e-3). When "
+    "it finishes it says how many input directions each layer still leaves free to learn.",
     "keeplora++": "KeepLoRA++: KeepLoRA with smaller updates in the first (shallow) layers.",
     "dac": "DAC: a pool of tiny (rank-1) experts; each image picks a few, and each session "
-    "keeps the ones it used most.",
+    "keeps the ones it used most. It trains as its authors do: 500 steps of 32 images at lr "
+    "2e-3 (AdamW, no weight decay), so the Epochs slider does not apply; set Iterations under "
+    "Advanced settings (0 = train by epochs instead).",
 }
 
 KNOBS = {
     "lr": ("Learning rate", "Step size of each update. Too high: forgetting; too low: no change."),
     "batch_size": ("Batch size", "Images per training step."),
+    "iterations": (
+        "Iterations",
+        "Training steps; 0 = use Epochs. DAC trains 500 steps, as its authors.",
+    ),
     "heads": ("Heads per layer (k)", "How many attention heads LoRSU trains in every layer."),
     "rank": ("LoRA rank", "Size of the low-rank update on each selected head."),
     "alpha": ("LoRA alpha", "Scale of the low-rank update (alpha / rank)."),
@@ -116,9 +123,13 @@ SESSIONS = (
 )
 
 MATRIX_FIGURES = (
-    "**Avg**: mean accuracy over the trained sets across all rows; **Last**: their mean after "
-    "the last session; **BWT** (backward transfer): how trained sets changed after later "
-    "sessions (below zero = forgetting)."
+    "As MTIL computes them (ZSCL, KeepLoRA), on the rows after each session (not the base row): "
+    "**Avg**: mean accuracy over the trained sets; **Last**: their mean after the last session; "
+    "**Transfer**: a trained set's accuracy in the sessions before it was trained (from the "
+    "second trained set on); **BWT** (backward transfer): how trained sets changed after later "
+    "sessions (below zero = forgetting). The **Worst other set** column names the set, other "
+    "than the target and the control, that lost most since the base model: the paper's "
+    "control is every other dataset, CC here only the control set."
 )
 
 HOW = """
