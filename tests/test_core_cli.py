@@ -148,3 +148,21 @@ def test_template_without_label_is_refused(colour_folder, tmp_path, capsys):
     ]
     assert main([*args, "--template", "a photo of a thing."]) == 2
     assert "must contain {label}" in capsys.readouterr().err
+
+
+def test_train_json_reports_every_other_set_beside_cc(run_dir, colour_folder):
+    _, summary, _ = run_dir
+    first, second = summary["sessions"]
+    name = colour_folder.name
+    # Session 1 trained s1 (and measured s2 before its training: an "other" set then).
+    assert set(first["others"]["sets"]) == {f"{name}:s2"}
+    # Session 2 trained s2: s1 is now the other set, its change measured against the base.
+    others = second["others"]
+    assert set(others["sets"]) == {f"{name}:s1"}
+    s1 = others["sets"][f"{name}:s1"]
+    assert s1["change"] == pytest.approx(s1["now"] - s1["base"])
+    matrix = summary["accuracy_matrix"]
+    column = matrix["sets"].index(f"{name}:s1")
+    assert s1["now"] == matrix["rows"][2][column] and s1["base"] == matrix["rows"][0][column]
+    assert summary["final"]["worst_other"] == f"{name}:s1"
+    assert summary["final"]["worst_other_change"] == s1["change"]
