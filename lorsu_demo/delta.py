@@ -14,6 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# Value dtypes a delta may carry; writing casts them to the parameter's own dtype.
+VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+KINDS = ("rows", "mask", "dense")
+
+
+class DeltaError(ValueError):
+    """A delta that does not fit what it claims to change; nothing has been written."""
+
 
 @dataclass(frozen=True)
 class Region:
@@ -81,6 +89,64 @@ class Region:
         else:
             data[self.mask(data.device)] = values
 
+    def check(self, values: torch.Tensor, where: str) -> None:
+        """Refuse a region or values that are malformed on their own (no parameter needed):
+        a known kind, a real shape, row indices in range, sorted and unique, exactly one mask
+        bit per entry, one finite value per position. Raises `DeltaError` naming `where`."""
+        if self.kind not in KINDS:
+            raise DeltaError(
+                f"{where} has region kind {self.kind!r}; expected rows, mask or dense."
+            )
+        shape = self.shape
+        if not (
+            isinstance(shape, tuple)
+            and 1 <= len(shape) <= 8
+            and all(type(n) is int and 1 <= n < 2**31 for n in shape)
+        ):
+            raise DeltaError(f"{where} has an impossible shape {list(shape)!r}.")
+        numel = int(np.prod(shape, dtype=np.int64))
+        if not isinstance(values, torch.Tensor) or values.dtype not in VALUE_DTYPES:
+            got = getattr(values, "dtype", type(values).__name__)
+            raise DeltaError(f"{where} holds values of type {got}; expected floating point.")
+        if self.kind == "dense":
+            expected = shape
+            if self.rows is not None or self.bits is not None:
+                raise DeltaError(f"{where} is dense but also carries row or mask indices.")
+        elif self.kind == "rows":
+            rows = self.rows
+            if self.bits is not None or not isinstance(rows, torch.Tensor):
+                raise DeltaError(f"{where} is a row region without its row indices.")
+            if rows.dtype not in (torch.int32, torch.int64) or rows.dim() != 1:
+                raise DeltaError(f"{where} has row indices of type {rows.dtype}, {rows.dim()}-D.")
+            if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= shape[0]):
+                raise DeltaError(
+                    f"{where} names rows {int(rows.min())}..{int(rows.max())} of a tensor "
+                    f"with {shape[0]} rows."
+                )
+            if len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all()):
+                raise DeltaError(f"{where} has repeated or unsorted row indices.")
+            expected = (len(rows), *shape[1:])
+        else:
+            bits = self.bits
+            if self.rows is not None or not isinstance(bits, torch.Tensor):
+                raise DeltaError(f"{where} is a mask region without its mask bits.")
+            if bits.dtype != torch.uint8 or bits.dim() != 1 or len(bits) != (numel + 7) // 8:
+                raise DeltaError(
+                    f"{where} has {bits.numel()} mask bytes ({bits.dtype}); a tensor of shape "
+                    f"{list(shape)} needs {(numel + 7) // 8} bytes of uint8."
+                )
+            flat = np.unpackbits(bits.numpy())
+            if flat[numel:].any():
+                raise DeltaError(f"{where} has mask bits set past the end of its tensor.")
+            expected = (int(flat[:numel].sum()),)
+        if tuple(values.shape) != tuple(expected):
+            raise DeltaError(
+                f"{where} holds values of shape {list(values.shape)}; its region needs "
+                f"{list(expected)}."
+            )
+        if values.numel() and not bool(torch.isfinite(values).all()):
+            raise DeltaError(f"{where} holds NaN or infinite values.")
+
     def union(self, other: Region) -> Region:
         if self.shape != other.shape:
             raise ValueError("regions of different shapes")
@@ -100,6 +166,21 @@ class Patch:
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.region.index_bytes
 
+    def check(self, param: torch.Tensor | None, where: str) -> None:
+        """Everything `Region.check` refuses, and whether the patch fits `param`: present, of the
+        same shape, and still finite once cast to the parameter's dtype (1e39 is inf in fp16)."""
+        if param is None:
+            raise DeltaError(f"{where} changes a parameter this model does not have.")
+        if tuple(param.shape) != tuple(self.region.shape):
+            raise DeltaError(
+                f"{where} is for a tensor of shape {list(self.region.shape)}; this model's is "
+                f"{list(param.shape)}."
+            )
+        self.region.check(self.values, where)
+        if self.values.dtype != param.dtype and self.values.numel():
+            if not bool(torch.isfinite(self.values.to(param.dtype)).all()):
+                raise DeltaError(f"{where} holds values too large for the model's {param.dtype}.")
+
 
 Footprint = dict[str, Region]
 
@@ -114,6 +195,14 @@ class Delta(dict):
     @property
     def changed_values(self) -> int:
         return sum(patch.values.numel() for patch in self.values())
+
+    def check(self, state: Mapping[str, torch.Tensor], where: str = "a session") -> None:
+        """Raise `DeltaError` unless every patch fits `state` exactly (see `Patch.check`)."""
+        for name, patch in self.items():
+            if not isinstance(name, str) or not isinstance(patch, Patch):
+                raise DeltaError(f"{where} is not a list of parameter patches.")
+            shown = name if len(name) <= 60 else name[:59] + "…"  # a crafted name can be huge
+            patch.check(state.get(name), f"{where}, parameter {shown}")
 
     @staticmethod
     def read(state: Mapping[str, torch.Tensor], footprint: Footprint) -> Delta:
@@ -134,12 +223,24 @@ def snapshot(state: Mapping[str, torch.Tensor], footprint: Footprint) -> UndoLog
 
 
 def apply(state: Mapping[str, torch.Tensor], delta: Delta) -> UndoLog:
-    """Write a delta into the parameters; return what is needed to take it back exactly."""
+    """Write a delta into the parameters; return what is needed to take it back exactly.
+    The delta is checked against `state` first, and a failure part-way through (out of memory,
+    say) writes back what was already written, so the weights are never left half-patched."""
+    delta.check(state)
+    return _write(state, delta)
+
+
+def _write(state: Mapping[str, torch.Tensor], delta: Delta) -> UndoLog:
+    """Write a checked delta; on any failure write back what was written, then raise."""
     undo: UndoLog = []
-    for name, patch in delta.items():
-        param = state[name]
-        undo.append((name, patch.region, patch.region.read(param)))
-        patch.region.write(param, patch.values)
+    try:
+        for name, patch in delta.items():
+            param = state[name]
+            undo.append((name, patch.region, patch.region.read(param)))
+            patch.region.write(param, patch.values)
+    except BaseException:
+        restore(state, undo)
+        raise
     return undo
 
 
@@ -149,17 +250,30 @@ def restore(state: Mapping[str, torch.Tensor], undo: UndoLog) -> None:
 
 
 def apply_stack(state: Mapping[str, torch.Tensor], deltas: Iterable[Delta]) -> UndoLog:
+    """Apply deltas in order, all or nothing: every delta is checked before the first write, and
+    any failure restores every tensor already touched before the error propagates."""
+    deltas = list(deltas)
+    for index, delta in enumerate(deltas, 1):
+        if not isinstance(delta, Delta):
+            raise DeltaError(f"session {index} has no delta.")
+        delta.check(state, f"session {index}")
     undo: UndoLog = []
-    for delta in deltas:
-        undo.extend(apply(state, delta))
+    try:
+        for delta in deltas:
+            undo.extend(_write(state, delta))
+    except BaseException:
+        restore(state, undo)
+        raise
     return undo
 
 
 @contextmanager
 def applied(state: Mapping[str, torch.Tensor], deltas: Iterable[Delta]) -> Iterator[None]:
-    """Run a block with a stack of deltas applied; the weights are exactly as before afterwards."""
-    undo = apply_stack(state, deltas)
+    """Run a block with a stack of deltas applied; the weights are exactly as before afterwards,
+    also when applying fails (apply_stack then restores what it wrote before raising)."""
+    undo: UndoLog = []
     try:
+        undo = apply_stack(state, deltas)
         yield
     finally:
         restore(state, undo)

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .delta import Delta, Patch, Region
+from .delta import Delta, DeltaError, Patch, Region
 from .evaluate import AccuracyMatrix
 
 FORMAT = "lorsu-demo-history"
@@ -25,6 +25,10 @@ VERSION = 1
 
 class HistoryError(ValueError):
     """A history file that cannot be used, with a message that says why."""
+
+
+class _BadField(Exception):
+    """A manifest field of the wrong type; `History.load` adds the file's name."""
 
 
 @dataclass
@@ -227,39 +231,149 @@ class History:
             raise HistoryError(f"{path} does not exist.") from err
         except (SafetensorError, OSError, json.JSONDecodeError, KeyError, ValueError) as err:
             raise HistoryError(
-                f"{name} is damaged, truncated or not a lorsu-demo history file ({err})."
+                f"{name} is damaged, truncated or not a lorsu-demo history file ({_short(err)})."
             ) from err
         try:
             return cls._from_manifest(manifest, tensors, name)
-        except (KeyError, TypeError, ValueError) as err:
-            raise HistoryError(f"{name} has an inconsistent manifest ({err}).") from err
+        except HistoryError:  # already says what is wrong; a ValueError too, so not wrapped again
+            raise
+        except _BadField as err:
+            raise HistoryError(f"{name} has an inconsistent manifest: {err}") from None
+        except DeltaError as err:
+            raise HistoryError(f"{name} is damaged or crafted: {err}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            raise HistoryError(f"{name} has an inconsistent manifest ({_short(err)}).") from None
 
     @classmethod
     def _from_manifest(cls, manifest: dict, tensors: dict, name: str) -> History:
-        digests = manifest["sha256"]
+        """Every field and tensor checked before a record is built, so a history that loads
+        can be listed, charted and applied (`Delta.check` again against the model)."""
+        _expect(manifest, dict, "the manifest")
+        digests = _expect(manifest.get("sha256"), dict, "sha256")
         if set(digests) != set(tensors):
             raise HistoryError(f"{name} is damaged: its tensors do not match its manifest.")
         for key, tensor in tensors.items():
             if _digest(tensor) != digests[key]:
-                raise HistoryError(f"{name} is damaged: tensor {key} fails its checksum.")
-        history = cls(model=manifest["model"], base=manifest["base"])
+                raise HistoryError(f"{name} is damaged: tensor {_clip(key)} fails its checksum.")
+        history = cls(
+            model=_expect(manifest.get("model"), dict, "model"),
+            base=_scores(manifest.get("base"), "base"),
+        )
         fields = set(SessionRecord.__dataclass_fields__)
-        for entry in manifest["sessions"]:
-            prefix = f"s{entry['index']}"
+        sessions = _expect(manifest.get("sessions"), list, "sessions")
+        for number, entry in enumerate(sessions, 1):
+            _check_entry(entry, number)
+            prefix = f"s{number}"
             delta = Delta()
             for param, info in entry["delta"].items():
+                where = f"session {number}, parameter {_clip(param)}"
+                _expect(info, dict, where)
                 key = f"{prefix}/delta/{param}"
+                shape = _expect(info.get("shape"), list, f"{where} shape")
                 region = Region(
-                    info["kind"],
-                    tuple(info["shape"]),
+                    info.get("kind"),
+                    tuple(shape),
                     rows=tensors.get(f"{key}/rows"),
                     bits=tensors.get(f"{key}/bits"),
                 )
-                delta[param] = Patch(region, tensors[f"{key}/values"])
-            carry = {c: tensors[f"{prefix}/carry/{c}"] for c in entry["carry"]}
+                values = tensors.get(f"{key}/values")
+                region.check(values, where)
+                delta[param] = Patch(region, values)
+            carry = {}
+            for c in entry["carry"]:
+                tensor = tensors.get(f"{prefix}/carry/{c}")
+                if tensor is None or not tensor.is_floating_point() or tensor.dim() > 4:
+                    raise HistoryError(f"{name}: session {number} carries a bad tensor {_clip(c)}.")
+                if not bool(torch.isfinite(tensor).all()):
+                    raise HistoryError(f"{name}: session {number} carries NaN or infinite values.")
+                carry[c] = tensor
             values = {k: v for k, v in entry.items() if k in fields}
             history.append(SessionRecord(**{**values, "delta": delta, "carry": carry}))
         return history
+
+
+# ---- checking a manifest -------------------------------------------------------------------
+def _clip(text, limit: int = 60) -> str:
+    """Names from a file go into messages shortened: a crafted file's 5,000-character key must
+    not become a 5,000-character message."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _short(err: Exception) -> str:
+    return _clip(f"{type(err).__name__}: {err}", 120)
+
+
+def _expect(value, kind, what: str):
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise _BadField(f"its {what} is {type(value).__name__}, not {name}.")
+    return value
+
+
+def _number(value, what: str) -> float:
+    return _expect(value, (int, float), what)
+
+
+def _scores(value, what: str) -> dict:
+    """{set name: accuracy}: names are text, accuracies numbers (NaN allowed, it means none)."""
+    _expect(value, dict, what)
+    for key, score in value.items():
+        _number(score, f"{what} of {_clip(key)}")
+    return value
+
+
+def _strings(value, what: str) -> list:
+    for item in _expect(value, list, what):
+        _expect(item, str, f"{what} entry")
+    return value
+
+
+# Fields the app reads back (tables, charts, the next session), with the type each must have.
+_ENTRY_TYPES = {
+    "method": str,
+    "settings": dict,
+    "target": str,
+    "shots": int,
+    "images": int,
+    "seed": int,
+    "controls": list,
+    "trained_sets": list,
+    "selected_heads": list,
+    "layers_read": int,
+    "fc1_density": list,
+    "trainable_params": int,
+    "curve": list,
+    "extra": dict,
+    "delta": dict,
+    "carry": list,
+}
+
+
+def _check_entry(entry, number: int) -> None:
+    where = f"session {number}"
+    _expect(entry, dict, where)
+    if entry.get("index") != number or isinstance(entry.get("index"), bool):
+        raise _BadField(f"its session {number} is numbered {_clip(entry.get('index'))!r}.")
+    for key, kind in _ENTRY_TYPES.items():
+        _expect(entry.get(key), kind, f"{where} {key}")
+    _strings(entry["classes"], f"{where} classes")
+    _strings(entry["controls"], f"{where} controls")
+    _strings(entry["trained_sets"], f"{where} trained sets")
+    _strings(entry["carry"], f"{where} carry")
+    _scores(entry.get("accuracies"), f"{where} accuracies")
+    _scores(entry.get("seconds"), f"{where} seconds")
+    _number(entry.get("ti"), f"{where} TI")
+    _number(entry.get("cc"), f"{where} CC")
+    if entry.get("created") is not None:
+        _number(entry["created"], f"{where} created")
+    if entry.get("head_scores") is not None:
+        _expect(entry["head_scores"], list, f"{where} head scores")
+    _scores(entry["extra"].get("base", {}), f"{where} base accuracies")
+    reader = entry["extra"].get("reader", "clip")
+    _expect(reader, str, f"{where} reader")
+    for point in entry["curve"]:
+        _expect(point, dict, f"{where} curve point")
 
 
 def _digest(tensor: torch.Tensor) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import Augment, LabelledImages, normalise, to_unit_pixels, validate
-from .delta import Delta, apply_stack, restore, snapshot
+from .delta import Delta, DeltaError, apply_stack, restore, snapshot
 from .evaluate import EvalSet, accuracy, other_sets_change, ti_cc
 from .events import Done, Metrics, Phase, Scores, Step, Stopped
 from .history import History, HistoryError, SessionRecord
@@ -318,6 +318,12 @@ def run_session(
         method.merge(ctx, footprint)
         merged = True
         delta = Delta.read(state, footprint)
+        if not all(bool(torch.isfinite(p.values).all()) for p in delta.values()):
+            # Every later apply refuses non-finite values, so say so now, not at the next chat.
+            raise DeltaError(
+                "Training diverged: the update holds NaN or infinite values. Lower the "
+                "learning rate."
+            )
         seconds["merging"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
