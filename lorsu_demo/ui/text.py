@@ -50,7 +50,8 @@ METHODS_HELP = {
     "keeplora": "KeepLoRA: a low-rank update kept away from the directions that past sessions "
     "and the pretrained weights rely on most (its authors' strength: scale 1/16, lr 1e-3). When "
     "it finishes it says how many input directions each layer still leaves free to learn.",
-    "keeplora++": "KeepLoRA++: KeepLoRA with smaller updates in the first (shallow) layers.",
+    "keeplora++": "KeepLoRA++: KeepLoRA with smaller updates in the first (shallow) layers "
+    "(the layer scaling formula is our assumption: the paper's is not public).",
     "dac": "DAC: a pool of tiny (rank-1) experts; each image picks a few, and each session "
     "keeps the ones it used most. It trains as its authors do: 500 steps of 32 images at lr "
     "2e-3 (AdamW, no weight decay), so the Epochs slider does not apply; set Iterations under "
