@@ -12,7 +12,7 @@ from pathlib import Path
 from .data import DataError
 from .delta import applied
 from .history import History, HistoryError
-from .methods import METHODS, MethodError
+from .methods import METHODS, MethodError, method_settings
 from .model import OFFLINE_PRESET, BundleError, load_bundle, save_bundle
 from .runs import HISTORY_FILE, method_settings_for, plan_run, run_sessions, run_summary
 
@@ -86,6 +86,13 @@ def cmd_train(args) -> int:
         if v is not None and (k in known or k in (args.set_keys or []))
     }
     settings = method_settings_for(bundle, args.method, settings)
+    iterations = settings.get("iterations", method_settings(args.method).get("iterations", 0))
+    if iterations and args.epochs is not None:
+        # DAC trains a number of steps, as its authors do; say so rather than ignore --epochs.
+        say(
+            f"note: {args.method} trains {iterations} iterations (its authors' setting); "
+            "--epochs is not used. Add --set iterations=0 to train by epochs."
+        )
     plan = plan_run(
         bundle, args.data, args.control, args.sessions, args.shots, args.seed, args.template
     )

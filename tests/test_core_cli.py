@@ -166,3 +166,16 @@ def test_train_json_reports_every_other_set_beside_cc(run_dir, colour_folder):
     assert s1["now"] == matrix["rows"][2][column] and s1["base"] == matrix["rows"][0][column]
     assert summary["final"]["worst_other"] == f"{name}:s1"
     assert summary["final"]["worst_other_change"] == s1["change"]
+
+
+def test_dac_trains_its_iterations_and_says_epochs_do_not_apply(colour_folder, tmp_path, capsys):
+    out = tmp_path / "dac"
+    args = ["train", "--model", "tiny-random", "--data", str(colour_folder), "--method", "dac"]
+    args += ["--shots", "2", "--epochs", "3", "--set", "iterations=2", "--set", "batch_size=4"]
+    args += ["--set", "rank=4", "--set", "experts_per_image=2", "--set", "experts_per_batch=2"]
+    args += ["--set", "experts_merged=1", "--set", "ago_columns=1", "--out", str(out), "--json"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "dac trains 2 iterations" in captured.err and "--epochs is not used" in captured.err
+    history = History.load(out / "history.lorsu")
+    assert len(history.sessions[0].curve) == 2  # steps, not 3 epochs
