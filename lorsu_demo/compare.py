@@ -56,6 +56,9 @@ class MethodResult(Event):
     record: Any = field(default=None, repr=False)
     kind = "result"
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "method": self.method, "result": self.result}
+
 
 @dataclass
 class Compared(Event):

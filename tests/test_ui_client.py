@@ -61,6 +61,8 @@ def test_api_names_are_public(served):
         "/sessions",
         "/export_history",
         "/import_history",
+        "/compare",
+        "/keep",
     }
 
 
@@ -107,7 +109,7 @@ def test_cancel_leaves_no_session(served):
 def test_rollback_restores_the_earlier_answer_exactly(served, images):
     _, url = served
     c = client(url)
-    train(c, lr=1e-2)
+    train(c, lr=1e-2, epochs=3)
     first = {i: ask(c, i, 1, False)[0] for i in images}
     base = {i: ask(c, i, 0, False)[0] for i in images}
     assert any(first[i] != base[i] for i in images), "session 1 should change an answer"
@@ -150,3 +152,42 @@ def test_two_clients_at_once_stay_isolated(served, images):
     assert len(alice.predict(api_name="/sessions")["sessions"]) == 1
     assert bob.predict(api_name="/sessions")["sessions"] == []
     assert ask(bob, images[-1], -1, False)[0] == base
+
+
+def test_compare_leaves_the_history_untouched_and_keeps_one(served):
+    core, url = served
+    c = client(url)
+    train(c, lr=1e-2, epochs=1)
+    before = c.predict(api_name="/sessions")
+    weights_before = weights(core)
+    job = c.submit(
+        "mixes", "lorsu,lora,spu,full", 3, 1, {**FAST, "lr": 1e-2}, 5, "mc", api_name="/compare"
+    )
+    job.result(timeout=300)
+    outputs = job.outputs()
+    assert [o["method"] for o in outputs if o["kind"] == "method"] == [
+        "lorsu",
+        "lora",
+        "spu",
+        "full",
+    ]
+    assert any(o["kind"] == "step" for o in outputs), "progress is streamed"
+    results = outputs[-1]["results"]
+    assert [r["method"] for r in results] == ["lorsu", "lora", "spu", "full"]
+    for row in results:
+        assert {"ti", "cc", "ti_mc", "cc_mc", "trainable_params", "delta_bytes", "seconds"} <= set(
+            row
+        )
+    # full fine-tuning trains every encoder weight: more than any other method
+    params = {r["method"]: r["trainable_params"] for r in results}
+    assert params["full"] > max(params["lorsu"], params["lora"], params["spu"])
+    assert c.predict(api_name="/sessions") == before, "the history is untouched"
+    after = weights(core)
+    assert all(torch.equal(weights_before[k], after[k]) for k in after)
+    kept = c.predict("spu", api_name="/keep")
+    assert [s["method"] for s in kept["sessions"]] == ["lorsu", "spu"]
+    assert kept["sessions"][1]["ti"] == results[2]["ti"]
+    with pytest.raises(Exception, match="run a comparison first"):
+        c.predict("lora", api_name="/keep")
+    with pytest.raises(Exception, match="Unknown method 'lorsa'"):
+        c.predict("mixes", "lorsa", 3, 1, FAST, 0, "", api_name="/compare")

@@ -145,7 +145,7 @@ def test_chat_versions_and_rollback_restore_answers_exactly(core):
     def ask(version, image):
         return list(core.chat(key, image, QUESTION, version, True))[-1]
 
-    run(core, key, lr=1e-2)
+    run(core, key, lr=1e-2, epochs=3)
     first = {image: ask(1, image)[0] for image in images}
     base = {image: ask(0, image)[0] for image in images}
     changed = [i for i in images if first[i] != base[i]]

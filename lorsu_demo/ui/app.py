@@ -20,8 +20,11 @@ import gradio as gr
 from ..events import Done, Metrics, Phase, Scores, Step, Stopped
 from ..methods import METHODS, method_settings
 from ..model import OFFLINE_PRESET, BundleError, env_model
+from ..takeaway import trained_cells
 from ..vqa import DEFAULT_QUESTION, mc_prompt
+from . import compare as compare_ui
 from . import engine, figures, text
+from . import takeaway as takeaway_ui
 from .cli import add_arguments
 from .core import TABLE_HEADERS, AppCore, UserError
 from .engine import PROBE_QUESTION, ProbeAnswers
@@ -147,7 +150,8 @@ class Views:
         rows = core.table_rows(key)
         info = core.sessions(key)
         matrix = core.workspace(key).history.matrix()
-        figure = figures.matrix_figure(matrix) if rows or info["base"] else None
+        boxes = trained_cells(core.workspace(key).history)  # every session's trained set
+        figure = figures.matrix_figure(matrix, boxes) if rows or info["base"] else None
         summary = ""
         if rows:
             m = info["accuracy_matrix"]
@@ -291,6 +295,13 @@ def build_app(core: AppCore) -> gr.Blocks:
                             epochs = gr.Slider(
                                 1, 30, value=int(defaults.get("epochs", 5)), step=1, label="Epochs"
                             )
+                            seed = gr.Number(
+                                value=None,
+                                precision=0,
+                                label="Seed",
+                                info="blank: the session's number",
+                                elem_id="lorsu-seed",
+                            )
                         gr.Markdown(text.SETTINGS, elem_classes="lorsu-small")
                         with gr.Accordion("Advanced settings", open=False):
                             knobs = [_knob(name, "lorsu", bundle) for name in knob_names]
@@ -300,6 +311,12 @@ def build_app(core: AppCore) -> gr.Blocks:
                                 label="Measure TI and CC with",
                                 info=text.READER,
                                 elem_id="lorsu-reader",
+                            )
+                            also = gr.Checkbox(
+                                value=True,
+                                label="Also read TI and CC with the chat model's multiple choice "
+                                "after the session (slower)",
+                                elem_id="lorsu-also",
                             )
                         with gr.Row():
                             train_btn = gr.Button(
@@ -312,6 +329,7 @@ def build_app(core: AppCore) -> gr.Blocks:
                     with gr.Column(scale=3, min_width=420):
                         gr.Markdown("### 3 · Watch it learn")
                         metrics = gr.HTML(views.metrics(), elem_id="lorsu-metrics")
+                        readings = takeaway_ui.build_readings()
                         gr.Markdown(text.LIVE, elem_classes="lorsu-small")
                         curves = gr.Plot(
                             views.curves(), format="png", show_label=False, elem_id="lorsu-curves"
@@ -322,6 +340,7 @@ def build_app(core: AppCore) -> gr.Blocks:
                         )
                         gr.Markdown(text.PROBES, elem_classes="lorsu-small")
                         probes = gr.HTML(views.probes([]), elem_id="lorsu-probes")
+                        extras = takeaway_ui.build_session_extras(readings)
 
             # ------------------------------------------------------------------------ chat
             with gr.Tab("2 · Chat", id="chat"):
@@ -422,6 +441,7 @@ def build_app(core: AppCore) -> gr.Blocks:
                     upload_history = gr.UploadButton(
                         "Upload a history file", elem_id="lorsu-upload-history"
                     )
+                tables = takeaway_ui.build_downloads()
                 with gr.Row():
                     export_version = gr.Dropdown(
                         choices=[("0 · base model (no sessions)", 0)],
@@ -437,6 +457,9 @@ def build_app(core: AppCore) -> gr.Blocks:
                     "`python -m lorsu_demo export` writes from a downloaded history file.",
                     elem_classes="lorsu-small",
                 )
+
+            with gr.Tab("4 · Compare", id="compare"):
+                compare_tab = compare_ui.build_tab(core)
 
             with gr.Tab("How it works", id="how"):
                 gr.Markdown(text.HOW)
@@ -548,12 +571,21 @@ def build_app(core: AppCore) -> gr.Blocks:
             key = _key(request)
             method_name, shot_count, epoch_count = values[method], values[shots], values[epochs]
             reader_name = values[reader]
+            seed_value, also_reader = values[seed], "mc" if values[also] else None
             settings = {name: values[knob] for name, knob in zip(knob_names, knobs, strict=True)}
             allowed = method_settings(method_name) if method_name in METHODS else {}
             settings = {k: v for k, v in settings.items() if k in allowed}
             drawn, draw_cost, said, started = 0.0, 0.0, 0.0, False
             for event, live in core.train(
-                key, None, method_name, shot_count, epoch_count, settings, reader=reader_name
+                key,
+                None,
+                method_name,
+                shot_count,
+                epoch_count,
+                settings,
+                reader=reader_name,
+                seed=seed_value,
+                also=also_reader,
             ):
                 final = live.finished
                 buttons = (gr.update(interactive=final), gr.update(interactive=not final))
@@ -601,7 +633,7 @@ def build_app(core: AppCore) -> gr.Blocks:
             on_arm, None, [status, train_btn, stop_btn], queue=False, **PRIVATE
         ).then(
             on_train,
-            {method, shots, epochs, reader, *knobs},
+            {method, shots, epochs, reader, seed, also, *knobs},
             [status, metrics, curves, scores, probes, train_btn, stop_btn, *session_outputs],
             show_progress="full",
             show_progress_on=[status],
@@ -614,6 +646,8 @@ def build_app(core: AppCore) -> gr.Blocks:
 
         # If the session ended any way at all (even a dropped connection), buttons come back.
         train_event.then(on_train_end, None, [train_btn, stop_btn], queue=False, **PRIVATE)
+        takeaway_ui.wire_session_extras(extras, core, train_event)
+        takeaway_ui.wire_downloads(tables, core, table)
 
         def on_stop(request: gr.Request):
             return _status(core.stop(_key(request)), "stopped")
@@ -743,7 +777,9 @@ def build_app(core: AppCore) -> gr.Blocks:
 
         demo.unload(on_unload)
 
+        compare_ui.wire(compare_tab, core, status, session_outputs, views, GPU)
         _api(core)
+        compare_ui.add_api(core, GPU)
 
     demo.queue(default_concurrency_limit=4, max_size=256)
     return demo
@@ -795,6 +831,7 @@ def _api(core: AppCore) -> None:
                     for k in ("index", "method", "target", "classes", "shots", "ti", "cc")
                 }
                 payload["session"]["accuracies"] = event.record.accuracies
+                payload["session"]["command"] = event.record.extra.get("command")
             if isinstance(event, Stopped):
                 payload["message"] = event.message
             yield payload

@@ -19,13 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import takeaway
 from ..data import DataError, open_image
 from ..evaluate import READERS
 from ..events import Done, Metrics, Phase, Scores, Step, Stopped
 from ..history import History, HistoryError
 from ..methods import METHODS, MethodError
 from ..model import ASSETS_DIR, Bundle
-from ..runs import control_sets
+from ..runs import control_sets, one_session, run_seed
 from . import engine, uploads, zerogpu
 from .engine import ProbeAnswers
 from .workspace import Dataset, Examples, Store, Workspace
@@ -98,6 +99,28 @@ class Live:
                 self.status = "Asking the probe images before training…"
 
 
+def session_seed(seed, index: int) -> int:
+    """The seed a session uses: the one given, else the session's number (so that sessions
+    draw other images unless told otherwise)."""
+    if seed is None or seed == "":
+        return index
+    try:
+        value = int(seed)
+        if value != float(seed) or value < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(
+            f"The seed must be a whole number, 0 or more (or blank: the session's number), "
+            f"not {seed!r}."
+        ) from None
+    return value
+
+
+def history_file_before(index: int) -> str:
+    """The name of the history file that holds the sessions before session `index`."""
+    return f"history-before-session-{index}.lorsu"
+
+
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -117,6 +140,7 @@ class AppCore:
         if not control_dirs and bundle.control_dir is None and (ASSETS_DIR / "control").is_dir():
             control_dirs = [str(ASSETS_DIR / "control")]  # LLaVA presets have none of their own
         self.controls = control_sets(bundle, control_dirs)
+        self.control_dirs = list(control_dirs or [])  # for the "Copy as CLI" command
         self.store = Store(bundle.source)
         base = Path(work_dir) if work_dir else Path(tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)
@@ -229,10 +253,14 @@ class AppCore:
         epochs: int,
         settings: dict | None = None,
         reader: str | None = None,
+        seed: int | None = None,
+        also: str | None = None,
     ) -> Iterator[tuple[object, Live]]:
         """Run one session; yield (event, live view) pairs. Ends with a `Done`, a `Stopped` or
         an "error" event. The session's record is appended here when it completes; a stop
-        (`ws.stop`) or a closed generator leaves the history and the model as they were."""
+        (`ws.stop`) or a closed generator leaves the history and the model as they were.
+        `seed` (None: the session's number) draws the images and seeds training as
+        `train --seed` does; `also` reads TI and CC a second way (e.g. "mc")."""
         ws = self.workspace(key)
         live = Live()
         try:
@@ -243,8 +271,9 @@ class AppCore:
             data = self.dataset(ws, data_name)
             if method not in METHODS:
                 raise UserError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
-            if reader is not None and reader not in READERS:
-                raise UserError(f"Unknown reader {reader!r}: choose one of {', '.join(READERS)}.")
+            for name in (reader, also):
+                if name is not None and name not in READERS:
+                    raise UserError(f"Unknown reader {name!r}: choose one of {', '.join(READERS)}.")
             values = {**engine.settings_for(self.bundle, method), **(settings or {})}
             values["epochs"] = epochs if epochs else values.get("epochs")
             settings = engine.clean_settings(method, values)
@@ -254,7 +283,8 @@ class AppCore:
                 raise UserError("Use at least one shot (training image per class).")
             shots = min(shots, most)
             index = len(ws.history) + 1
-            train = data.session_images(shots, seed=index)
+            seed = session_seed(seed, index)
+            train = one_session(data.domain, shots, seed)
         except USER_ERRORS as err:
             yield self._failed(live, str(err))
             return
@@ -285,9 +315,10 @@ class AppCore:
             self.controls,
             self._extra_sets(ws, data),
             live.probes,
-            index,
+            run_seed(seed, 1),
             shots,
             reader,
+            also,
         )
         try:
             yield Phase("start", live.status), live
@@ -298,6 +329,8 @@ class AppCore:
                     return
                 live.on(event)
                 if isinstance(event, Done):
+                    event.record.extra["user_seed"] = seed
+                    event.record.extra["command"] = self.command(data, event.record, seed)
                     ws.history.append(event.record)
                     live.finished, live.saved, live.tone = True, event.record.index, "done"
                     live.phase = "done"
@@ -330,6 +363,22 @@ class AppCore:
             ws.busy = False
             if ws.closed:
                 self.close(ws.key)
+
+    def command(self, data: Dataset, record, seed: int) -> str:
+        """The `python -m lorsu_demo train` command that repeats `record` (see takeaway)."""
+        folder = self.examples.folder / data.name if data.example else None
+        earlier = record.index - 1
+        return takeaway.train_command(
+            self.bundle,
+            folder,
+            record.method,
+            record.settings,
+            record.shots,
+            seed,
+            reader=record.extra.get("reader", "clip"),
+            controls=self.control_dirs,
+            start_from=history_file_before(record.index) if earlier else None,
+        )
 
     def _failed(self, live: Live, message: str):
         live.status, live.tone, live.finished, live.phase = message, "error", True, "error"

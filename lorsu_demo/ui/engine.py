@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..chat import answer, generate_answers, stream_answer
+from ..compare import second_reading
 from ..delta import applied
-from ..events import Done
+from ..events import Done, Phase
 from ..history import History
 from ..methods import METHODS, make_method, method_settings, preset_defaults
 from ..model import (
@@ -205,6 +206,13 @@ def default_reader() -> str:
     return os.environ.get("LORSU_READER", "clip")
 
 
+READER_NAMES = {
+    "clip": "CLIP zero-shot classifier",
+    "mc": "chat model's multiple choice",
+    "open": "chat model's open answers",
+}
+
+
 def _session_seconds(history, method, settings, train, *args, **kwargs) -> int:
     """The ZeroGPU duration of one session, from its planned steps (see `zerogpu`)."""
     return zerogpu.session_seconds(planned_steps(len(train), settings))
@@ -223,10 +231,12 @@ def session_worker(
     seed: int = 0,
     shots: int | None = None,
     reader: str | None = None,
+    also: str | None = None,
 ) -> Iterator:
     """One session as events: ProbeAnswers("before"), run_session's events (Phase, Scores,
     Step, Metrics), ProbeAnswers("after"), then Done(record) or Stopped. `history` is only read;
-    the caller appends `Done.record`. Closing this generator leaves the model as it was."""
+    the caller appends `Done.record`. Closing this generator leaves the model as it was.
+    `also`: a second accuracy reader; its TI and CC go into the record beside the first's."""
     bundle = current()
     probes = list(probes)
     deltas = history.deltas()
@@ -249,6 +259,9 @@ def session_worker(
     )
     try:
         for event in events:
+            if isinstance(event, Done) and also and also != event.record.extra.get("reader"):
+                yield Phase("reading", f"Reading TI and CC with the {READER_NAMES[also]} too")
+                second_reading(bundle, history, event.record, target, list(controls), also)
             if isinstance(event, Done) and probes:
                 after = probe_answers(bundle, probes, [*deltas, event.record.delta])
                 yield ProbeAnswers("after", {"after": after})

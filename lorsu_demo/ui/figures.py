@@ -177,8 +177,10 @@ def empty_scores_figure(num_layers: int, num_heads: int, layers_read: int) -> Fi
 
 
 # ---- sessions --------------------------------------------------------------------------------
-def matrix_figure(matrix) -> Figure:
-    """The accuracy matrix a[j, i]: rows = after session j (0 = base), columns = test sets."""
+def matrix_figure(matrix, boxes: list[tuple[int, str]] | None = None) -> Figure:
+    """The accuracy matrix a[j, i]: rows = after session j (0 = base), columns = test sets.
+    `boxes`: (session, set) cells to box, every set every session trained (default: the
+    session that first trained each set)."""
     rows = matrix.rows
     sets = matrix.sets
     if not sets:
@@ -195,7 +197,9 @@ def matrix_figure(matrix) -> Figure:
             value = values[j, i]
             text = "—" if not math.isfinite(value) else f"{value:.0f}"
             axes.text(i, j, text, ha="center", va="center", fontsize=9, color=INK)
-    for name, session in matrix.trained_at.items():
+    if boxes is None:
+        boxes = [(session, name) for name, session in matrix.trained_at.items()]
+    for session, name in boxes:
         if name in sets and 0 < session < len(rows):
             axes.add_patch(Rectangle((sets.index(name) - 0.5, session - 0.5), 1, 1, fill=False,
                                      edgecolor=INK, lw=2))  # fmt: skip
@@ -203,8 +207,42 @@ def matrix_figure(matrix) -> Figure:
     axes.set_yticks(range(len(rows)), labels, fontsize=8.5)
     axes.set_xticks(range(len(sets)), [_wrap(pretty(s)) for s in sets], fontsize=8.5)
     axes.xaxis.tick_top()
-    axes.set_title("Accuracy % on each test set (boxed: the session that trained it)",
+    axes.set_title("Accuracy % on each test set (boxed: the sessions that trained it)",
                    fontsize=10, color=INK, pad=26)  # fmt: skip
+    figure.tight_layout()
+    return figure
+
+
+def compare_figure(results: list[dict]) -> Figure:
+    """TI against CC, one point per method (the paper's picture): filled, read with the
+    session's reader; hollow, the same session read with the chat model's multiple choice."""
+    figure = _figure(6.4, 4.2)
+    if not results:
+        return _message(figure, "Press Compare: one point per method will appear here.")
+    axes = figure.add_subplot(111)
+    colours = ["#2563eb", "#059669", "#d97706", "#dc2626", "#7c3aed", "#0891b2", "#be185d"]
+    own = results[0].get("reader", "clip")
+    second = next((k[3:] for r in results for k in r if k.startswith("ti_") and k[3:] != own), None)
+    for i, row in enumerate(results):
+        colour = colours[i % len(colours)]
+        axes.scatter([row["cc"]], [row["ti"]], s=90, color=colour, zorder=3)
+        axes.annotate(row["method"], (row["cc"], row["ti"]), textcoords="offset points",
+                      xytext=(7, 5), fontsize=10, color=colour, fontweight="bold")  # fmt: skip
+        if second and _finite(row.get(f"ti_{second}")) and _finite(row.get(f"cc_{second}")):
+            x, y = row[f"cc_{second}"], row[f"ti_{second}"]
+            axes.scatter([x], [y], s=90, facecolors="white", edgecolors=colour, lw=2, zorder=3)
+            axes.plot([row["cc"], x], [row["ti"], y], color=colour, lw=0.8, ls=":", zorder=2)
+    axes.axhline(0, color=MUTED, lw=0.8)
+    axes.axvline(0, color=MUTED, lw=0.8)
+    axes.set_xlabel("CC: control change (points; right is better)", fontsize=9.5)
+    axes.set_ylabel("TI: target improvement (points)", fontsize=9.5)
+    names = {"clip": "CLIP", "mc": "chat model, multiple choice", "open": "chat model, open"}
+    title = f"Filled: read with {names.get(own, own)}"
+    if second:
+        title += f"; hollow: {names.get(second, second)}"
+    axes.set_title(title, fontsize=9.5, color=INK)
+    axes.margins(0.25)
+    axes.grid(alpha=0.25)
     figure.tight_layout()
     return figure
 

@@ -129,6 +129,9 @@ class Workspace:
     closed: bool = False  # its tab closed while a session ran; dropped when the session ends
     uploads_made: int = 0
     seen: float = field(default_factory=time.time)
+    # The last comparison's sessions (not in the history until one is kept) and the history
+    # they started from: {"start": ..., "records": {method: SessionRecord}}.
+    compared: dict = field(default_factory=dict)
 
     def touch(self) -> None:
         self.seen = time.time()
