@@ -89,6 +89,9 @@ class Bundle:
     # Lock (not an RLock) because a session generator may be resumed on another thread; take
     # it only at entry points (sessions, chat, export), never inside the library.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The class names a small word-level model was trained on (bundle.json "labels"), for the
+    # message that refuses a word it does not know; empty for models that take any text.
+    labels: list[str] = field(default_factory=list)
 
     @property
     def vision(self) -> nn.Module:
@@ -130,6 +133,17 @@ class Bundle:
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pooled = self.vision(pixel_values=pixel_values.to(self.device, self.dtype)).pooler_output
         return nn.functional.normalize(self.clip.visual_projection(pooled).float(), dim=-1)
+
+    def unknown_words(self, labels: list[str]) -> list[str]:
+        """The words of `labels` that the CLIP text side, which a session trains against, cannot
+        spell: they become its unknown token, so every such class would read the same."""
+        unknown: dict[str, None] = {}
+        unk = getattr(self.clip_tokenizer, "unk_token_id", None)
+        for label in labels if unk is not None else []:
+            for word in label.split():
+                if unk in self.clip_tokenizer(word, add_special_tokens=False).input_ids:
+                    unknown.setdefault(word, None)
+        return list(unknown)
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
@@ -407,7 +421,7 @@ def _load_bundle(model: str, *, device, dtype, clip) -> Bundle:
     if (directory / BUNDLE_FILE).exists():
         manifest = read_bundle_manifest(directory)
         control = manifest.get("control")
-        return load_pretrained(
+        bundle = load_pretrained(
             str(directory / manifest["vlm"]),
             clip or str(directory / manifest["clip"]),
             name=manifest.get("name", directory.name),
@@ -417,6 +431,8 @@ def _load_bundle(model: str, *, device, dtype, clip) -> Bundle:
             control_dir=(directory / control).resolve() if control else None,
             defaults=manifest.get("defaults", {}),
         )
+        bundle.labels = list(manifest.get("labels", []))
+        return bundle
     if directory.is_dir() and (directory / "config.json").exists():
         if clip is None:
             raise BundleError(

@@ -45,6 +45,22 @@ def control_sets(bundle, directories: list[str] | None) -> list[EvalSet]:
     return sets
 
 
+def check_labels(bundle, classes: list[str]) -> None:
+    """Refuse class names the model cannot spell: with a word-level text side (the offline toy)
+    an unknown word becomes one shared unknown token, and the session would train to nothing."""
+    unknown = bundle.unknown_words(classes)
+    if not unknown:
+        return
+    words = ", ".join(repr(w) for w in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+    known = f" It knows these class names: {', '.join(bundle.labels)}." if bundle.labels else ""
+    raise DataError(
+        f"The model {bundle.name!r} does not know the word{'s' if len(unknown) > 1 else ''} "
+        f"{words}: its small text side only has the words it was trained with.{known} Name your "
+        "classes with those words, or run a model whose tokenizer takes any label (a GPU model, "
+        "for example --model llava-1.5-7b)."
+    )
+
+
 @dataclass
 class RunPlan:
     domain: Domain
@@ -64,6 +80,7 @@ def plan_run(
     templates: list[str] | None = None,
 ) -> RunPlan:
     domain = load_domain(data, seed=seed)
+    check_labels(bundle, domain.classes)
     plans = plan_sessions(domain, sessions, shots, seed)
     templates = [check_template(t) for t in templates] if templates else domain.templates
     target = EvalSet(domain.name, domain.test, domain.classes, templates, role="target")

@@ -533,6 +533,7 @@ def save_bundle(out: Path, clip, clip_tokenizer, vlm, processor, defaults: dict,
         "vlm": "vlm",
         "clip": "clip",
         "caption_templates": [CAPTION_TEMPLATE],
+        "labels": BASE_CLASSES,
         "control": "../control",
         "defaults": defaults,
         "description": (
