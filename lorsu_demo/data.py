@@ -11,7 +11,10 @@ import random
 import re
 import unicodedata
 import warnings
+import zlib
 from collections import Counter
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +22,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".tif", ".tiff", ".bmp")
+# What Pillow must find inside the file, whatever its name (its JPEG reader also opens MPO,
+# the JPEG of some cameras).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP")
+FORMAT_NAMES = "PNG, JPEG, WebP, GIF, TIFF or BMP"
 MAX_IMAGE_PIXELS = 40_000_000  # about 6300 x 6300; anything larger is refused before decoding
 MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_LABEL_CHARS = 40
@@ -28,6 +35,68 @@ MAX_IMAGES = 5000
 
 class DataError(ValueError):
     """Bad input, with a message that says what to fix."""
+
+
+# ---- memory bounds for what the app decodes and keeps ------------------------------------
+MAX_UPLOAD_PIXELS = 250_000_000  # decoded in one upload (one image at a time): decoding time
+MAX_WORKSPACE_PIXELS = 40_000_000  # kept by one browser session: about 120 MB of RGB
+MIN_STORE_SIDE = 224  # kept images stay large enough to look at, even for a 32-pixel model
+
+
+@dataclass
+class PixelBudget:
+    """What one upload may decode and what its workspace may still keep, in pixels.
+
+    Active while `pixel_budget(...)` is: `open_image` then decodes JPEGs reduced (Pillow's
+    draft mode), shrinks every image so its shorter side is `store_side` (the model's input
+    size; the processor would resize it there anyway), and counts both totals, refusing with
+    the cap in the message before the next image is decoded or kept.
+    """
+
+    store_side: int
+    decode_limit: int = MAX_UPLOAD_PIXELS
+    keep_limit: int = MAX_WORKSPACE_PIXELS
+    decoded: int = 0
+    kept: int = 0
+
+    def decode(self, pixels: int, name: str) -> None:
+        if self.decoded + pixels > self.decode_limit:
+            raise DataError(
+                f"{name}: this upload decodes to more than {self.decode_limit // 1_000_000} "
+                "megapixels in all, the most one upload may use. Upload fewer or smaller images."
+            )
+        self.decoded += pixels
+
+    def keep(self, pixels: int, name: str) -> None:
+        if self.kept + pixels > self.keep_limit:
+            raise DataError(
+                f"{name}: your images in this browser session would take more than "
+                f"{self.keep_limit // 1_000_000} megapixels, the most one session may keep. "
+                "Upload fewer images, or reload the page to start again."
+            )
+        self.kept += pixels
+
+
+_BUDGET: ContextVar[PixelBudget | None] = ContextVar("pixel_budget", default=None)
+
+
+@contextmanager
+def pixel_budget(budget: PixelBudget):
+    """Apply `budget` to every `open_image` in this block (this thread or task only)."""
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+def _store_size(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """`size` scaled down so its shorter side is `side` (never up)."""
+    width, height = size
+    scale = side / min(width, height)
+    if scale >= 1:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 @dataclass(frozen=True)
@@ -82,8 +151,15 @@ def clean_label(raw: str, source: str = "") -> str:
     where = f" (from {source})" if source else ""
     if not text:
         raise DataError(f"Empty label{where}: give every image a class name.")
-    if any(unicodedata.category(ch).startswith("C") for ch in text):
-        raise DataError(f"Label {raw!r}{where} has control characters: use plain words.")
+    # Zero-width joiners and variation selectors (category Cf) build emoji such as 👩‍🔬: they
+    # are letters of a name, not control characters. Real controls (Cc), unassigned (Cn),
+    # private-use (Co) and surrogates (Cs) are refused.
+    bad = [ch for ch in text if unicodedata.category(ch) in ("Cc", "Cn", "Co", "Cs")]
+    if bad:
+        raise DataError(
+            f"Label {raw[:40]!r}{where} has control characters or unassigned code points "
+            f"({', '.join(f'U+{ord(ch):04X}' for ch in bad[:3])}): use plain words."
+        )
     if len(text) > MAX_LABEL_CHARS:
         raise DataError(
             f"Label {text[:20]!r}...{where} is {len(text)} characters long: "
@@ -113,16 +189,24 @@ def open_image(source, name: str | None = None) -> Image.Image:
             data = path.read_bytes()
         else:
             data = bytes(source)
+        if not data:
+            raise DataError(f"{name} is empty (0 bytes): use {FORMAT_NAMES} files.")
+        budget = _BUDGET.get()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
+                image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise DataError(
                         f"{name} is {width}x{height} pixels: that is too large to be safe to "
                         f"decode; resize it below {MAX_IMAGE_PIXELS // 1_000_000} megapixels."
                     )
+                if budget is not None:
+                    if image.format in ("JPEG", "MPO") and min(width, height) > budget.store_side:
+                        # Decode at 1/2, 1/4 or 1/8 scale, no smaller than what is kept.
+                        image.draft("RGB", _store_size((width, height), budget.store_side))
+                    budget.decode(image.size[0] * image.size[1], name)
                 image.load()
         except DataError:
             raise
@@ -131,14 +215,26 @@ def open_image(source, name: str | None = None) -> Image.Image:
                 f"{name} claims an enormous size (a decompression bomb?): remove it."
             ) from err
         except UnidentifiedImageError as err:
-            raise DataError(f"{name} is not an image file: use PNG, JPEG or WebP files.") from err
-        except (OSError, SyntaxError, ValueError) as err:
+            raise DataError(f"{name} is not an image file: use {FORMAT_NAMES} files.") from err
+        except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as err:
+            detail = str(err)[:80]
             raise DataError(
-                f"{name} is damaged or truncated ({err}): replace or remove it."
+                f"{name} is damaged or truncated ({detail}): replace or remove it."
             ) from err
     if min(image.size) < 1:
         raise DataError(f"{name} has no pixels: remove it.")
-    return image.convert("RGB")
+    budget = _BUDGET.get()
+    if budget is None:
+        return image.convert("RGB")
+    size = _store_size(image.size, budget.store_side)
+    budget.keep(size[0] * size[1], name)
+    if size != image.size and image.mode in ("RGB", "RGBA", "L"):
+        # Shrink before converting, so a large image is never held twice at full size.
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    image = image.convert("RGB")
+    if size != image.size:  # palette and other modes resize only once converted
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image
 
 
 def validate(dataset: LabelledImages, *, for_training: bool = True) -> None:
@@ -179,7 +275,7 @@ def _images_in(directory: Path) -> list[Path]:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             if path.suffix.lower() in (".md", ".txt", ".json"):
                 continue
-            raise DataError(f"{path} is not a PNG, JPEG or WebP image: remove it or convert it.")
+            raise DataError(f"{path} is not a {FORMAT_NAMES} image: remove it or convert it.")
         files.append(path)
     return files
 

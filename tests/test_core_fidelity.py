@@ -203,3 +203,18 @@ def test_paper_param_count_is_the_authors_for_any_k(bundle, train_set, name, k, 
         expected += int(method.fc1_masks[layer].sum())
     expected += rank * sum(state["projection.weight"].shape)
     assert method.paper_param_count(bundle, range(bundle.num_layers)) == expected
+
+
+def test_a_preset_scales_dacs_iterations_for_its_encoder():
+    from lorsu_demo.toyworld.train import DEFAULTS
+
+    toy = SimpleNamespace(defaults=DEFAULTS)
+    dac = make_method("dac", **method_settings_for(toy, "dac", {})).hp
+    # The toy's DAC sessions get the passes over the data the authors' 500 steps of 32 give
+    # their first set (5 shots x 100 classes): 32.
+    assert dac["iterations"] * dac["batch_size"] / (5 * 10) == 500 * 32 / (5 * 100)
+    assert (dac["lr"], dac["batch_size"]) == (2e-3, 32)  # the authors', not the preset's
+    # Other methods never see another method's entry.
+    lorsu = method_settings_for(toy, "lorsu", {})
+    assert "methods" not in lorsu and lorsu.get("iterations", 0) == 0
+    assert method_settings_for(toy, "dac", {"iterations": 7})["iterations"] == 7

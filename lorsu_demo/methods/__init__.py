@@ -43,9 +43,12 @@ def method_settings(name: str) -> dict:
 def preset_defaults(name: str, preset: dict) -> dict:
     """The part of a model preset's defaults that applies to method `name`: what the method
     does not set itself. A preset's defaults are tuned for LoRSU; a method's own defaults are
-    its authors' setting (KeepLoRA's lr 1e-3, DAC's 500 iterations of batch 32 at lr 2e-3)."""
+    its authors' setting (KeepLoRA's lr 1e-3, DAC's 500 iterations of batch 32 at lr 2e-3),
+    unless the preset names that method under "methods"."""
     own = METHODS[name].defaults if name in METHODS else {}
-    return {k: v for k, v in preset.items() if k not in own}
+    general = {k: v for k, v in preset.items() if k != "methods" and k not in own}
+    # A preset may scale a method's own setting to its encoder: {"methods": {"dac": {...}}}.
+    return {**general, **(preset.get("methods") or {}).get(name, {})}
 
 
 __all__ = [

@@ -96,7 +96,10 @@ YES_NO_QUESTIONS = ["Is this a {label}?", "Is there a {label} in the image?"]
 # Session settings that suit this tiny encoder (LLaVA scale uses lr 1e-5 and 5 epochs): a
 # 4-layer, 128-wide encoder needs larger and more steps for the same change. Chosen on the
 # example domains with `lorsu` only; docs/toyworld.md gives the sweep.
-DEFAULTS = {"lr": 2e-4, "epochs": 20, "batch_size": 16}
+# DAC trains by steps, as its authors: their 500 steps of batch 32 are 32 passes over their
+# first few-shot set (Aircraft, 5 shots x 100 classes); a toy session (5 shots x 8-10 classes)
+# gets the same 32 passes in 50 steps (docs/methods.md).
+DEFAULTS = {"lr": 2e-4, "epochs": 20, "batch_size": 16, "methods": {"dac": {"iterations": 50}}}
 
 
 def vocabulary() -> list[str]:

@@ -347,8 +347,12 @@ def build_app(core: AppCore) -> gr.Blocks:
                 gr.Markdown(text.CHAT)
                 with gr.Row():
                     with gr.Column(scale=1):
-                        chat_image = gr.Image(
-                            type="filepath", label="Image", height=260, elem_id="lorsu-chat-image"
+                        # A plain file, opened by the app itself: gr.Image would decode it with
+                        # PIL first, so bad files got Gradio's generic error, huge ones decoded.
+                        # No file_types either: Gradio's own refusal would be another message.
+                        chat_image = gr.File(label="Image file", elem_id="lorsu-chat-file")
+                        chat_preview = gr.Image(
+                            label="Image", height=260, interactive=False, elem_id="lorsu-chat-image"
                         )
                         question = gr.Textbox(
                             value=PROBE_QUESTION,
@@ -673,6 +677,17 @@ def build_app(core: AppCore) -> gr.Blocks:
                 yield _status(f"The model could not answer ({type(err).__name__}).", "error"), \
                     gr.skip(), gr.skip()  # fmt: skip
 
+        def on_chat_image(path):
+            """Show the chosen image as the model will see it, or say why it cannot be used."""
+            if not path:
+                return None, gr.skip()
+            try:
+                return core.chat_image(path), _status("Image ready: ask a question.", "info")
+            except UserError as err:
+                return None, _status(str(err), "error")
+
+        chat_image.change(on_chat_image, [chat_image], [chat_preview, status], **PRIVATE)
+
         chat_inputs = [chat_image, question, version, with_base]
         for trigger in (ask_btn.click, question.submit):
             trigger(
@@ -800,7 +815,7 @@ def _api(core: AppCore) -> None:
         epochs = gr.Number(value=None, precision=0, label="epochs")
         settings = gr.JSON(value=None, label="settings")
         event_out = gr.JSON(label="event")
-        image = gr.Image(type="filepath", label="image")
+        image = gr.File(label="image")  # opened by the app, like the Chat tab's
         question = gr.Textbox(value=PROBE_QUESTION, label="question")
         session = gr.Number(value=-1, precision=0, label="session")
         with_base = gr.Checkbox(value=True, label="with_base")

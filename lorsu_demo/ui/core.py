@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import takeaway
-from ..data import DataError, open_image
+from ..data import (
+    MAX_IMAGE_PIXELS,
+    MIN_STORE_SIDE,
+    DataError,
+    PixelBudget,
+    open_image,
+    pixel_budget,
+)
+from ..delta import DeltaError
 from ..evaluate import READERS
 from ..events import Done, Metrics, Phase, Scores, Step, Stopped
 from ..history import History, HistoryError
@@ -203,14 +211,20 @@ class AppCore:
     ) -> Dataset:
         """Check what was uploaded and make it this workspace's selected data."""
         ws = self.workspace(key)
+        # One upload may decode MAX_UPLOAD_PIXELS; what it keeps (at the model's input size)
+        # counts against what this workspace still may keep.
+        budget = PixelBudget(self.store_side(), kept=_kept_pixels(ws))
         try:
             test = None
             if zip_path:
-                images, test = uploads.read_zip(zip_path)
+                with pixel_budget(budget):
+                    images, test = uploads.read_zip(zip_path)
             elif files:
-                images = uploads.from_named_files(list(files))
+                with pixel_budget(budget):
+                    images = uploads.from_named_files(list(files))
             elif any(c.name.strip() or c.files for c in cards):
-                images = uploads.from_cards(list(cards))
+                with pixel_budget(budget):
+                    images = uploads.from_cards(list(cards))
             else:
                 raise UserError(
                     "Nothing to use yet: fill at least two class cards, or add a zip or "
@@ -226,6 +240,11 @@ class AppCore:
         ws.uploads[name] = data
         ws.selected = name
         return data
+
+    def store_side(self) -> int:
+        """The shorter side images are kept at: the model's input size (its processor resizes
+        to that anyway), but large enough to look at on screen."""
+        return max(int(self.bundle.vision.config.image_size), MIN_STORE_SIDE)
 
     def _extra_sets(self, ws: Workspace, data: Dataset) -> list:
         """Every other example domain and the uploads already trained: the accuracy matrix then
@@ -418,10 +437,7 @@ class AppCore:
         if len(question) > 500:
             raise UserError("That question is long: keep it under 500 characters.")
         version = self.version(ws, version)
-        try:
-            picture = open_image(image, Path(str(image)).name if isinstance(image, str) else None)
-        except DataError as err:
-            raise UserError(str(err)) from None
+        picture = self.chat_image(image)
         deltas = ws.history.deltas(version)
         adapted, base = "", None
         worker = engine.chat_worker(picture, question, deltas, bool(with_base))
@@ -432,6 +448,8 @@ class AppCore:
                 else:
                     base = text
                 yield adapted, base
+        except DeltaError as err:  # refused before any weight was written
+            raise UserError(f"This session cannot be applied: {err}") from None
         except Exception as err:
             problem = zerogpu.gpu_problem(err)
             if problem is None:
@@ -439,6 +457,18 @@ class AppCore:
             raise UserError(problem) from None
         finally:
             worker.close()
+
+    def chat_image(self, image):
+        """A chat image as the model will see it. The same checks as an upload, on the file
+        itself (the app opens it, not Gradio), decoded reduced and kept at the model's size."""
+        if image is None or image == "":
+            raise UserError("Add an image first: upload one, or click an example below.")
+        name = Path(str(image)).name[:80] if isinstance(image, (str, Path)) else "the image"
+        try:
+            with pixel_budget(PixelBudget(self.store_side(), keep_limit=MAX_IMAGE_PIXELS)):
+                return open_image(image, name)
+        except DataError as err:
+            raise UserError(str(err)) from None
 
     def version(self, ws: Workspace, version) -> int:
         latest = len(ws.history)
@@ -516,14 +546,18 @@ class AppCore:
         for key in ("seed",):
             if key in history.model and history.model.get(key) != self.bundle.source.get(key):
                 raise HistoryError(f"{name} was made on another {here!r} ({key} differs).")
+        # Every patch must fit this model exactly (names, shapes, index ranges, value counts,
+        # finite values), the same check `apply_stack` repeats before each write, so a history
+        # that imports can be applied, and one that cannot is refused before it is kept.
         state = self.bundle.vision_state()
         for record in history.sessions:
-            for param, patch in record.delta.items():
-                if param not in state or tuple(state[param].shape) != tuple(patch.region.shape):
-                    raise HistoryError(
-                        f"{name}: session {record.index} changes {param}, which this model "
-                        "does not have in that shape; it was made on another model."
-                    )
+            try:
+                record.delta.check(state, f"session {record.index}")
+            except DeltaError as err:
+                raise HistoryError(
+                    f"{name} does not fit this model: {err} It was made on another model, "
+                    "or it was damaged."
+                ) from None
 
     def export_model(self, key: str | None, session: int | None) -> Path:
         ws = self.workspace(key)
@@ -604,6 +638,12 @@ def done_status(record, seconds: float, has_control: bool) -> str:
         )
         text += f" Free dimensions left (q/k/v/out per layer): {layers}."
     return text + " Try it in the Chat tab, or train again."
+
+
+def _kept_pixels(ws: Workspace) -> int:
+    """Pixels of the images this workspace's uploads keep."""
+    items = [i for d in ws.uploads.values() for i in (*d.domain.train.items, *d.domain.test.items)]
+    return sum(i.image.size[0] * i.image.size[1] for i in items)
 
 
 def _round(value, signed: bool = False):

@@ -17,7 +17,7 @@ PICK = (
 )
 
 UPLOAD_CARDS = (
-    "One card per class: type the class name and drop a few images (PNG, JPEG or WebP). "
+    "One card per class: type the class name and drop a few images (PNG, JPEG, WebP, GIF, TIFF or BMP). "
     "Two classes at least, two images per class at least; about a third of each class is kept "
     "aside as test images."
 )

@@ -9,11 +9,13 @@ extracted. Every problem raises `DataError`.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..data import (
+    FORMAT_NAMES,
     IMAGE_SUFFIXES,
     MAX_FILE_BYTES,
     DataError,
@@ -47,7 +49,14 @@ def _count_check(n: int) -> None:
 
 
 def _display(path) -> str:
-    return Path(str(path)).name
+    return _clip(Path(str(path)).name)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """A name from the upload as messages show it: a 5,000-character folder name would
+    otherwise make a 5,000-character message."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit // 2] + "…" + text[-(limit // 2 - 1) :]
 
 
 def from_cards(cards: list[Card]) -> LabelledImages:
@@ -111,20 +120,25 @@ def read_zip(path: str) -> tuple[LabelledImages, LabelledImages | None]:
         members = []
         for info in archive.infolist():
             parts = PurePosixPath(info.filename).parts
+            shown = _clip(info.filename)
+            # Checked before hidden entries are skipped: ".." starts with a dot too, and an
+            # entry that climbs out of the archive is worth saying, not ignoring.
+            if info.filename.startswith("/") or ".." in parts:
+                raise DataError(
+                    f"{name} contains an unsafe path ({shown}): zip a plain folder of class "
+                    "folders, without absolute paths or '..'."
+                )
             if info.is_dir() or any(p.startswith(".") or p in _IGNORED for p in parts):
                 continue
-            if info.filename.startswith("/") or ".." in parts:
-                raise DataError(f"{name} contains an unsafe path ({info.filename}).")
             if PurePosixPath(info.filename).suffix.lower() not in IMAGE_SUFFIXES:
                 if PurePosixPath(info.filename).suffix.lower() in (".md", ".txt", ".json"):
                     continue
                 raise DataError(
-                    f"{info.filename} in {name} is not a PNG, JPEG or WebP image: "
-                    "remove it or convert it."
+                    f"{shown} in {name} is not a {FORMAT_NAMES} image: remove it or convert it."
                 )
             if info.file_size > MAX_FILE_BYTES:
                 raise DataError(
-                    f"{info.filename} in {name} is {info.file_size / 2**20:.0f} MB: use "
+                    f"{shown} in {name} is {info.file_size / 2**20:.0f} MB: use "
                     f"images under {MAX_FILE_BYTES // 2**20} MB."
                 )
             members.append((info, list(parts)))
@@ -151,14 +165,20 @@ def read_zip(path: str) -> tuple[LabelledImages, LabelledImages | None]:
 def _zip_set(archive, name, members, split="train") -> LabelledImages:
     items = []
     for info, parts in members:
+        shown = f"{_clip(info.filename)} in {name}"
         if len(parts) != 2:
             raise DataError(
-                f"{info.filename} in {name} is not inside a class folder: lay the zip out as "
+                f"{shown} is not inside a class folder: lay the zip out as "
                 "<class>/<image> (for example cat/1.png)."
             )
-        label = clean_label(parts[0], f"{info.filename} in {name}")
-        data = archive.read(info)
-        items.append(Item(open_image(data, f"{info.filename} in {name}"), label, info.filename))
+        label = clean_label(parts[0], shown)
+        try:
+            data = archive.read(info)
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as err:
+            raise DataError(
+                f"{shown} is damaged in the zip ({_clip(str(err), 60)}): zip the folder again."
+            ) from None
+        items.append(Item(open_image(data, shown), label, info.filename))
     return _checked(LabelledImages(f"{name} ({split})", items), training=split == "train")
 
 
