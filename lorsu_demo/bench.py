@@ -511,6 +511,21 @@ def add_commands(commands) -> None:
                 help="skip the extra lorsu session with a bf16 vision tower",
             )
         sub.set_defaults(func=func)
+    history = kinds.add_parser(
+        "history", help="per-call cost of shipping a LoRSU history at ViT-L scale (CPU)"
+    )
+    history.add_argument("--sessions", type=int, default=5)
+    history.add_argument("--arch", default="llava-1.5-7b", choices=list(ARCHS))
+    history.add_argument("--json", action="store_true", help="one line of JSON")
+    history.set_defaults(func=cmd_history)
+
+
+def cmd_history(args) -> int:
+    from .bench_history import history_cost
+
+    result = history_cost(args.sessions, args.arch)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
 
 
 EXTENSIONS.append(add_commands)

@@ -23,6 +23,17 @@ class DeltaError(ValueError):
     """A delta that does not fit what it claims to change; nothing has been written."""
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether every value is finite. A sum with a NaN or an infinity in it is never finite
+    (IEEE arithmetic), so a finite sum settles it in one vectorised pass without temporaries,
+    several times faster than an element-wise isfinite, which is paid on every GPU call that
+    applies a history; a non-finite sum (bad values, or finite ones that overflow) takes the
+    exact test."""
+    if bool(torch.isfinite(values.sum())):
+        return True
+    return bool(torch.isfinite(values).all())
+
+
 @dataclass(frozen=True)
 class Region:
     """Positions of one parameter: some rows, a boolean mask of entries, or the whole tensor."""
@@ -144,7 +155,7 @@ class Region:
                 f"{where} holds values of shape {list(values.shape)}; its region needs "
                 f"{list(expected)}."
             )
-        if values.numel() and not bool(torch.isfinite(values).all()):
+        if values.numel() and not all_finite(values):
             raise DeltaError(f"{where} holds NaN or infinite values.")
 
     def union(self, other: Region) -> Region:
@@ -178,7 +189,7 @@ class Patch:
             )
         self.region.check(self.values, where)
         if self.values.dtype != param.dtype and self.values.numel():
-            if not bool(torch.isfinite(self.values.to(param.dtype)).all()):
+            if not all_finite(self.values.to(param.dtype)):
                 raise DeltaError(f"{where} holds values too large for the model's {param.dtype}.")
 
 

@@ -366,6 +366,8 @@ class AppCore:
                     yield self._stopped(live, event.message)
                     return
                 yield event, live
+            if live.saved:  # after the Done was shown: fold the new version for its chats
+                ws.folds.get(ws.history.deltas())
         except USER_ERRORS as err:
             yield self._failed(live, f"{err} Nothing was saved.")
         except Exception as err:  # never a traceback on screen; the log has it
@@ -438,7 +440,7 @@ class AppCore:
             raise UserError("That question is long: keep it under 500 characters.")
         version = self.version(ws, version)
         picture = self.chat_image(image)
-        deltas = ws.history.deltas(version)
+        deltas = ws.folds.get(ws.history.deltas(version))
         adapted, base = "", None
         worker = engine.chat_worker(picture, question, deltas, bool(with_base))
         try:
@@ -568,7 +570,7 @@ class AppCore:
         folder = self._folder(key) / "model"
         shutil.rmtree(folder, ignore_errors=True)
         out = folder / f"{self.bundle.name}-session{version}.zip"
-        deltas = ws.history.deltas(version)
+        deltas = ws.folds.get(ws.history.deltas(version))
         try:
             return Path(engine.export_worker(deltas, version, str(out)))
         except Exception as err:

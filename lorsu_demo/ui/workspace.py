@@ -17,6 +17,7 @@ from pathlib import Path
 from ..data import DataError, Domain, LabelledImages, load_domain
 from ..evaluate import EvalSet
 from ..history import History
+from ..stack import FoldCache
 from .engine import Probe
 
 IDLE_SECONDS = 6 * 3600
@@ -132,6 +133,9 @@ class Workspace:
     # The last comparison's sessions (not in the history until one is kept) and the history
     # they started from: {"start": ..., "records": {method: SessionRecord}}.
     compared: dict = field(default_factory=dict)
+    # The history version last chatted with or exported, folded into one delta: a GPU call
+    # ships and applies that instead of every session's delta (see lorsu_demo.stack).
+    folds: FoldCache = field(default_factory=FoldCache)
 
     def touch(self) -> None:
         self.seen = time.time()
