@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .delta import applied
+from .delta import DeltaError, applied
 from .evaluate import READERS, EvalSet, accuracy, ti_cc
 from .events import Done, Event, Stopped
 from .history import History, HistoryError
@@ -262,14 +262,20 @@ def start_history(path: str | Path | None, bundle) -> History:
         raise HistoryError(
             f"{path} was made on the model {made_on!r}, not {here!r}: pass --model {made_on}."
         )
+    if "seed" in history.model and history.model["seed"] != bundle.source.get("seed"):
+        raise HistoryError(
+            f"{path} was made on {here!r} with random weights of seed {history.model['seed']}: "
+            f"pass --model-seed {history.model['seed']}."
+        )
+    # Every patch must fit this model exactly, as the app checks an uploaded history.
     state = bundle.vision_state()
     for record in history.sessions:
-        for param, patch in record.delta.items():
-            if param not in state or tuple(state[param].shape) != tuple(patch.region.shape):
-                raise HistoryError(
-                    f"{path}: session {record.index} changes {param}, which this model does "
-                    "not have in that shape; it was made on another model."
-                )
+        try:
+            record.delta.check(state, f"session {record.index}")
+        except DeltaError as err:
+            raise HistoryError(
+                f"{path} does not fit this model: {err} It was made on another model."
+            ) from None
     return history
 
 

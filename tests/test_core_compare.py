@@ -250,3 +250,21 @@ def test_tables_match_the_history(app_core):
         "x-sessions.json",
     ]
     assert paths[2].read_text() == takeaway.matrix_csv(history)
+
+
+def test_start_from_refuses_a_history_of_another_model(bundle, colour_folder, tmp_path, capsys):
+    from lorsu_demo.compare import start_history
+    from lorsu_demo.history import HistoryError
+    from lorsu_demo.model import load_bundle
+
+    path = History(model=dict(bundle.source)).save(tmp_path / "h.lorsu")
+    assert len(start_history(path, bundle)) == 0
+    with pytest.raises(HistoryError, match="pass --model-seed 0"):
+        start_history(path, load_bundle("tiny-random", seed=1))
+    other = History(model={"model": "toy"}).save(tmp_path / "toy.lorsu")
+    with pytest.raises(HistoryError, match="pass --model toy"):
+        start_history(other, bundle)
+    args = ["train", "--model", "tiny-random", "--data", str(colour_folder)]
+    args += ["--out", str(tmp_path / "run")]
+    assert main([*args, "--start-from", str(tmp_path / "none.lorsu")]) == 2
+    assert "does not exist" in capsys.readouterr().err
