@@ -6,6 +6,7 @@ import io
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest_ui import make_core
 from matplotlib.figure import Figure
 
@@ -117,3 +118,24 @@ def test_table_files_follow_the_history(app):
     rows = list(csv.reader(io.StringIO(open(matrix_csv).read())))
     assert [float(c) for c in rows[2][1:] if c] == [v for v in history.matrix().rows[1] if v == v]
     assert open(matrix_csv).read() == takeaway.matrix_csv(history)
+
+
+def test_stop_ends_a_comparison_with_nothing_kept(app):
+    core, _ = app
+    key = "stop"
+    before = {k: v.clone() for k, v in core.bundle.vision_state().items()}
+    core.arm(key)
+    seen = []
+    for event, view in compare(core, key, "colours", "lorsu,full", 3, 3, {"batch_size": 2}):
+        seen.append((event, view.tone))
+        if getattr(event, "kind", None) == "step":
+            core.stop(key)
+    assert seen[-1][0].kind == "stopped" and seen[-1][1] == "stopped"
+    seen = [e for e, _ in seen]
+    assert sum(getattr(e, "kind", None) == "step" for e in seen) == 1
+    ws = core.workspace(key)
+    assert not ws.busy and ws.compared == {} and len(ws.history) == 0
+    after = core.bundle.vision_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(UserError, match="run a comparison first"):
+        keep(core, key, "lorsu")
