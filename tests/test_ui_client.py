@@ -191,3 +191,16 @@ def test_compare_leaves_the_history_untouched_and_keeps_one(served):
         c.predict("lora", api_name="/keep")
     with pytest.raises(Exception, match="Unknown method 'lorsa'"):
         c.predict("mixes", "lorsa", 3, 1, FAST, 0, "", api_name="/compare")
+
+
+def test_train_takes_a_seed_and_gives_the_command_that_repeats_it(served):
+    _, url = served
+    c = client(url)
+    job = c.submit("colours", "lorsu", 3, 1, FAST, 7, api_name="/train")
+    job.result(timeout=120)
+    session = job.outputs()[-1]["session"]
+    assert "--seed 7" in session["command"] and "--shots 3" in session["command"]
+    job = c.submit("colours", "lorsu", 3, 1, FAST, api_name="/train")  # seed left out
+    job.result(timeout=120)
+    command = job.outputs()[-1]["session"]["command"]
+    assert "--seed 2" in command and "--start-from history-before-session-2.lorsu" in command

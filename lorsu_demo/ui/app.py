@@ -814,6 +814,7 @@ def _api(core: AppCore) -> None:
         shots = gr.Number(value=5, precision=0, label="shots")
         epochs = gr.Number(value=None, precision=0, label="epochs")
         settings = gr.JSON(value=None, label="settings")
+        seed = gr.Number(value=None, precision=0, label="seed")
         event_out = gr.JSON(label="event")
         image = gr.File(label="image")  # opened by the app, like the Chat tab's
         question = gr.Textbox(value=PROBE_QUESTION, label="question")
@@ -826,16 +827,24 @@ def _api(core: AppCore) -> None:
         history_out = gr.File(label="history")
         buttons = [gr.Button(visible=False) for _ in range(6)]
 
-    def api_train(data_name, method_name, shot_count, epoch_count, extra, request: gr.Request):
+    def api_train(data_name, method_name, shot_count, epoch_count, extra, seed_value=None,
+                  request: gr.Request = None):  # fmt: skip
         """Train one session and stream its events as JSON: phase, scores, probes, step,
-        metrics, then done (with the session's summary), stopped or error. `data` is an example
+        metrics, then done (with the session's summary and its `command`), stopped or error.
+        `seed`: empty for the session's number. `data` is an example
         domain name, or "uploaded" for this client's latest upload."""
         key = _key(request)
         core.arm(key)
         if extra is not None and not isinstance(extra, dict):
             _fail(UserError('settings must be a JSON object, e.g. {"heads": 2}.'))
         for event, _live in core.train(
-            key, data_name or None, method_name or "lorsu", shot_count, epoch_count, extra or {}
+            key,
+            data_name or None,
+            method_name or "lorsu",
+            shot_count,
+            epoch_count,
+            extra or {},
+            seed=seed_value,
         ):
             if isinstance(event, dict):
                 _fail(UserError(event["message"]))
@@ -891,7 +900,7 @@ def _api(core: AppCore) -> None:
         return {"message": message, **core.sessions(_key(request))}
 
     train_b, chat_b, rollback_b, sessions_b, export_b, import_b = buttons
-    train_b.click(api_train, [data, method, shots, epochs, settings], event_out,
+    train_b.click(api_train, [data, method, shots, epochs, settings, seed], event_out,
                   api_name="train", **GPU)  # fmt: skip
     chat_b.click(api_chat, [image, question, session, with_base], [answer_out, base_out],
                  api_name="chat", **GPU)  # fmt: skip
