@@ -19,6 +19,7 @@ from lorsu_demo.compare import (
     MethodResult,
     MethodStart,
     parse_methods,
+    results_table,
     run_compare,
 )
 from lorsu_demo.events import Done, Step
@@ -155,6 +156,11 @@ def test_cli_compare_prints_the_results_of_each_method(colour_folder, capsys, tm
     compared = History.load(tmp_path / "lorsu" / "history.lorsu").sessions[0].delta
     assert set(trained) == set(compared)
     assert all(torch.equal(trained[k].values, compared[k].values) for k in trained)
+    # without --json: the same rows as a Markdown table
+    lines = results_table(out["results"]).splitlines()
+    assert lines[0].startswith("| method | TI clip | CC clip | TI mc | CC mc |")
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["lorsu", "lora", "full"]
+    assert f"{lorsu['ti_mc']:+.1f}" in lines[2]
     # --out keeps every method's session as a history to continue
     kept = History.load(tmp_path / "full" / "history.lorsu")
     assert [s.method for s in kept.sessions] == ["full"]
