@@ -21,6 +21,7 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 BUNDLE_FILE = "bundle.json"
 DEFAULT_TEMPLATES = ["a photo of a {label}."]
 OFFLINE_PRESET = "toy"
+TEXT_CACHE_SIZE = 256
 
 
 class BundleError(RuntimeError):
@@ -92,6 +93,8 @@ class Bundle:
     # The class names a small word-level model was trained on (bundle.json "labels"), for the
     # message that refuses a word it does not know; empty for models that take any text.
     labels: list[str] = field(default_factory=list)
+    # text_features' results by list of texts (see there)
+    text_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def vision(self) -> nn.Module:
@@ -147,11 +150,22 @@ class Bundle:
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
+        """Normalised CLIP text embeddings. Kept per list of texts: sessions never change the
+        text side (deltas cover `vision_state` only), and every evaluation asks for the same
+        captions again (on the toy, tokenizing them was a tenth of a session)."""
+        key = tuple(texts)
+        cached = self.text_cache.get(key)
+        if cached is not None:
+            return cached.clone()
         tokens = self.clip_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(
             self.device
         )
         pooled = self.clip.text_model(**tokens).pooler_output
-        return nn.functional.normalize(self.clip.text_projection(pooled).float(), dim=-1)
+        features = nn.functional.normalize(self.clip.text_projection(pooled).float(), dim=-1)
+        if len(self.text_cache) >= TEXT_CACHE_SIZE:  # drop the oldest
+            self.text_cache.pop(next(iter(self.text_cache)))
+        self.text_cache[key] = features
+        return features.clone()
 
     def vision_state(self) -> dict[str, torch.Tensor]:
         """The parameters a session may change: the shared encoder and the CLIP visual projection."""
@@ -319,7 +333,27 @@ def _finish(bundle: Bundle) -> Bundle:
     bundle.clip.logit_scale.data = bundle.clip.logit_scale.data.float()
     if bundle.dtype in (torch.bfloat16, torch.float16):
         keep_encoder_fp32(bundle)
+    limit_cpu_threads(bundle)
     return bundle
+
+
+# Encoders below this many parameters (the toy's and tiny-random's) run on one CPU thread.
+SMALL_ENCODER = 50_000_000
+
+
+def limit_cpu_threads(bundle: Bundle) -> None:
+    """One intra-op thread for a small model on the CPU, unless LORSU_THREADS or
+    OMP_NUM_THREADS says otherwise. Its matrices (128 wide on the toy) are too small to split
+    across cores, and threads that wait for each other spin: on a shared 2-core machine a toy
+    session spent 79 s of CPU on two threads and 12 s on one (docs/benchmarks.md). One thread
+    also leaves a core to the web server and the other users of the app."""
+    if bundle.device.type != "cpu":
+        return
+    if os.environ.get("LORSU_THREADS", "").isdigit():
+        torch.set_num_threads(max(1, int(os.environ["LORSU_THREADS"])))
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        if sum(p.numel() for p in bundle.vision.parameters()) < SMALL_ENCODER:
+            torch.set_num_threads(1)
 
 
 def keep_encoder_fp32(bundle: Bundle) -> None:
