@@ -62,7 +62,7 @@ class PixelBudget:
     def decode(self, pixels: int, name: str) -> None:
         if self.decoded + pixels > self.decode_limit:
             raise DataError(
-                f"{name}: this upload decodes to more than {self.decode_limit // 1_000_000} "
+                f"{name}: this upload decodes to more than {self.decode_limit / 1e6:g} "
                 "megapixels in all, the most one upload may use. Upload fewer or smaller images."
             )
         self.decoded += pixels
@@ -71,7 +71,7 @@ class PixelBudget:
         if self.kept + pixels > self.keep_limit:
             raise DataError(
                 f"{name}: your images in this browser session would take more than "
-                f"{self.keep_limit // 1_000_000} megapixels, the most one session may keep. "
+                f"{self.keep_limit / 1e6:g} megapixels, the most one session may keep. "
                 "Upload fewer images, or reload the page to start again."
             )
         self.kept += pixels

@@ -143,6 +143,27 @@ def test_uploads_are_kept_at_the_models_size_and_counted(core, tmp_path):
     assert {i.image.size for i in items} == {(round(1200 * side / 900), side)}
 
 
+def test_a_workspace_counts_what_its_earlier_uploads_keep(core, tmp_path, monkeypatch):
+    """Each upload keeps 6 images of 299 x 224 pixels (401,856); a cap of 600,000 takes one."""
+    import functools
+
+    from lorsu_demo.ui import core as core_module
+
+    monkeypatch.setattr(
+        core_module, "PixelBudget", functools.partial(PixelBudget, keep_limit=600_000)
+    )
+    paths = []
+    for label in ("cat", "dog"):
+        for i in range(3):
+            path = tmp_path / f"{label}_{i}.png"
+            Image.new("RGB", (1200, 900), (40 * i, 80, 120)).save(path)
+            paths.append(str(path))
+    core.upload("capped", files=paths)
+    with pytest.raises(UserError, match="more than 0.6 megapixels, the most one session may keep"):
+        core.upload("capped", files=paths)
+    core.upload("another-tab", files=paths)  # the cap is per workspace
+
+
 def test_the_pixel_caps_are_said_in_the_message(tmp_path):
     big = tmp_path / "big.png"
     Image.new("RGB", (2000, 2000)).save(big)
@@ -152,7 +173,9 @@ def test_the_pixel_caps_are_said_in_the_message(tmp_path):
             open_image(big)
     with pixel_budget(PixelBudget(224, keep_limit=100_000)):
         open_image(big)  # kept at 224 x 224 = 50,176 pixels
-        with pytest.raises(DataError, match="more than 0 megapixels|the most one session"):
+        with pytest.raises(
+            DataError, match="more than 0.1 megapixels, the most one session may keep"
+        ):
             open_image(big)
 
 
@@ -234,5 +257,5 @@ def test_a_worst_case_upload_keeps_little_memory(tmp_path):
 def test_one_more_image_is_over_the_upload_cap(tmp_path):
     path = worst_case_zip(tmp_path / "eight.zip", count=8)
     with pixel_budget(PixelBudget(336)):
-        with pytest.raises(DataError, match=f"more than {MAX_UPLOAD_PIXELS // 1_000_000} mega"):
+        with pytest.raises(DataError, match=f"more than {MAX_UPLOAD_PIXELS / 1e6:g} mega"):
             uploads.read_zip(str(path))
