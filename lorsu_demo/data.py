@@ -244,6 +244,14 @@ def validate(dataset: LabelledImages, *, for_training: bool = True) -> None:
         raise DataError(
             f"{dataset.name} has {len(dataset.items)} images: use at most {MAX_IMAGES}."
         )
+    by_case: dict[str, str] = {}
+    for label in dataset.classes:
+        other = by_case.setdefault(label.casefold(), label)
+        if other != label:
+            raise DataError(
+                f"{dataset.name} has classes {other!r} and {label!r}, which differ only in case: "
+                "captions treat them as one word. Rename or merge them."
+            )
     if for_training and len(dataset.classes) < 2:
         only = dataset.classes[0]
         raise DataError(

@@ -231,7 +231,10 @@ def build_app(core: AppCore) -> gr.Blocks:
                                         names.append(
                                             gr.Textbox(
                                                 label=f"Class {i + 1}",
-                                                placeholder="class name, e.g. cat",
+                                                placeholder=(
+                                                    "class name, e.g. "
+                                                    + (core.bundle.labels or ["cat"])[-1]
+                                                ),
                                                 max_length=60,
                                             )
                                         )

@@ -34,7 +34,7 @@ from ..events import Done, Metrics, Phase, Scores, Step, Stopped
 from ..history import History, HistoryError
 from ..methods import METHODS, MethodError
 from ..model import ASSETS_DIR, Bundle
-from ..runs import control_sets, one_session, run_seed
+from ..runs import check_labels, control_sets, one_session, run_seed
 from . import engine, uploads, zerogpu
 from .engine import ProbeAnswers
 from .workspace import Dataset, Examples, Store, Workspace
@@ -231,6 +231,7 @@ class AppCore:
                     "named image files."
                 )
             name = f"my images {ws.uploads_made + 1}"
+            check_labels(self.bundle, images.classes)
             domain = uploads.make_domain(name, images, test)
         except DataError as err:
             raise UserError(str(err)) from None
@@ -288,6 +289,7 @@ class AppCore:
                     "A session is already running in this tab: wait for it or press Stop."
                 )
             data = self.dataset(ws, data_name)
+            check_labels(self.bundle, data.classes)
             if method not in METHODS:
                 raise UserError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
             for name in (reader, also):
