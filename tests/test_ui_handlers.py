@@ -53,6 +53,7 @@ def test_train_streams_events_and_saves_one_session(core):
     live = pairs[-1][1]
     assert live.tone == "done" and live.status.startswith("Done: session 1 saved")
     assert live.ti is not None and live.cc is not None and len(live.losses) == 6
+    assert live.reader == "clip"  # the cards say what measured them
     assert set(live.answers) == {"base", "before", "after"}
     ws = core.workspace("train")
     assert len(ws.history) == 1 and not ws.busy
@@ -387,12 +388,15 @@ def test_figures_and_html():
     html = figures.metrics_html(12.5, -3.0, 80, 67.5, 40, 43)
     assert "+12.5" in html and "lorsu-good" in html and "lorsu-bad" in html
     assert "needs a control set" in figures.metrics_html(1.0, None)
+    assert "needs a control set" not in figures.metrics_html(None, None, control=True)
     assert figures.names_label("it is a stop sign.", "stop sign")
     assert not figures.names_label("a stopwatch", "stop")
     probes = [engine.Probe(Image.new("RGB", (8, 8)), "red")]
     table = figures.probes_html(probes, {"base": ["a red"], "after": ["blue"]}, QUESTION)
     body = table.split("<tbody>")[1]
     assert body.count("&#10004;") == 1 and body.count("&#10008;") == 1 and "lorsu-wait" in body
+    foot = table.split("<tfoot>")[1]
+    assert foot.index("1 of 1 right") < foot.index("0 of 1 right")  # base, then after
     assert figures.pretty("control:control") == "control"
 
 

@@ -108,7 +108,17 @@ class Views:
 
     def metrics(self, live=None) -> str:
         if live is None:
-            return figures.metrics_html(None, None, note="Train a session to see TI and CC.")
+            return figures.metrics_html(
+                None, None, note="Train a session to see TI and CC.", control=self.has_control
+            )
+        note = f"Measured with the {engine.READER_NAMES.get(live.reader, live.reader)}."
+        for reader, reading in live.readings.items():
+            if reader != live.reader and reading.get("ti") is not None:
+                cc = reading.get("cc")
+                note += (
+                    f" The {engine.READER_NAMES.get(reader, reader)}: TI {reading['ti']:+.1f}"
+                    + (f", CC {cc:+.1f}." if cc is not None else ".")
+                )
         return figures.metrics_html(
             live.ti,
             live.cc,
@@ -116,6 +126,8 @@ class Views:
             live.base_target,
             live.control_now,
             live.base_control,
+            note=note,
+            control=self.has_control,
         )
 
     def curves(self, live=None):

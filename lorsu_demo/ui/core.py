@@ -71,6 +71,8 @@ class Live:
     answers: dict[str, list[str]] = field(default_factory=dict)
     finished: bool = False
     saved: int | None = None  # the session index, when one was saved
+    reader: str = "clip"  # what measured TI and CC (engine.READER_NAMES)
+    readings: dict = field(default_factory=dict)  # {reader: {"ti", "cc"}} once the session is done
 
     def on(self, event) -> None:
         if isinstance(event, Phase):
@@ -327,6 +329,8 @@ class AppCore:
             live.status += " " + zerogpu.quota_note(steps)
         ws.busy = True
         started = time.perf_counter()
+        first = ws.history.sessions[0].extra.get("reader") if ws.history.sessions else None
+        live.reader = first or reader or engine.default_reader()
         worker = engine.session_worker(
             ws.history,
             method,
@@ -350,6 +354,8 @@ class AppCore:
                     return
                 live.on(event)
                 if isinstance(event, Done):
+                    live.reader = event.record.extra.get("reader", live.reader)
+                    live.readings = dict(event.record.extra.get("readings", {}))
                     event.record.extra["user_seed"] = seed
                     event.record.extra["command"] = self.command(data, event.record, seed)
                     ws.history.append(event.record)

@@ -277,8 +277,10 @@ def metrics_html(
     control_now: float | None = None,
     control_base: float | None = None,
     note: str = "",
+    control: bool | None = None,
 ) -> str:
-    """TI and CC as large, colour-coded numbers with one line each on what they mean."""
+    """TI and CC as large, colour-coded numbers with one line each on what they mean.
+    `control`: whether the model has a control set (default: whether a control value is given)."""
 
     def number(value):
         return "—" if not _finite(value) else f"{value:+.1f}"
@@ -288,7 +290,7 @@ def metrics_html(
             return ""
         return f"{base:.0f}% &rarr; {now:.0f}%"
 
-    has_control = _finite(control_now)
+    has_control = _finite(control_now) if control is None else control
     cc_text = (
         "Control Change: accuracy on what the model already knew, now minus before any "
         "session. Below zero means forgetting."
@@ -374,12 +376,21 @@ def probes_html(probes, answers: dict[str, list[str]], question: str) -> str:
             f'<tr><td><img src="{image_data_uri(probe.image)}" alt="{html.escape(probe.label)}">'
             f"</td><td><b>{html.escape(probe.label)}</b></td>{''.join(cells)}</tr>"
         )
+    totals = []
+    for key, _ in columns:
+        values = answers.get(key)
+        if values is None:
+            totals.append("<td></td>")
+            continue
+        right = sum(names_label(v, p.label) for v, p in zip(values, probes))
+        totals.append(f"<td><b>{right} of {len(probes)} right</b></td>")
+    foot = f"<tfoot><tr><td></td><td></td>{''.join(totals)}</tr></tfoot>"
     return (
         f'<div class="lorsu-probes"><div class="lorsu-probe-q">Each model is asked '
         f"<q>{html.escape(question)}</q> about test images it never trained on "
         "(&#10004; = the answer names the right class).</div>"
         f"<table><thead><tr><th>Image</th><th>Class</th>{head}</tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
+        f"<tbody>{''.join(rows)}</tbody>{foot}</table></div>"
     )
 
 

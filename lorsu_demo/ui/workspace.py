@@ -21,7 +21,7 @@ from ..stack import FoldCache
 from .engine import Probe
 
 IDLE_SECONDS = 6 * 3600
-PROBES = 3
+PROBES = 5
 
 
 @dataclass
