@@ -7,6 +7,7 @@ No floating-point arithmetic is involved either way, so rollback is exact on eve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,7 +116,7 @@ class Region:
             and all(type(n) is int and 1 <= n < 2**31 for n in shape)
         ):
             raise DeltaError(f"{where} has an impossible shape {list(shape)!r}.")
-        numel = int(np.prod(shape, dtype=np.int64))
+        numel = math.prod(shape)  # Python ints: a crafted shape cannot overflow into a match
         if not isinstance(values, torch.Tensor) or values.dtype not in VALUE_DTYPES:
             got = getattr(values, "dtype", type(values).__name__)
             raise DeltaError(f"{where} holds values of type {got}; expected floating point.")
