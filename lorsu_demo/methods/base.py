@@ -7,8 +7,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from peft import LoraConfig
-from peft.tuners.lora import LoraModel
 
 from ..delta import Footprint, Region
 
@@ -136,6 +134,11 @@ class LoraAdapters:
         dropout: float = 0.0,
         **extra,
     ):
+        # peft is imported here, at the first session, not with the app: it is 3.6 s of the
+        # app's start on the toy machine (docs/benchmarks.md)
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraModel
+
         self.bundle = bundle
         self.module_names = list(module_names)
         config = LoraConfig(
