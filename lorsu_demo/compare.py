@@ -189,6 +189,54 @@ def _mean(values):
 
 
 # ---- the comparison -----------------------------------------------------------------------
+def compare_one(
+    bundle,
+    history: History,
+    method,
+    train,
+    *,
+    target: EvalSet,
+    controls: list[EvalSet] = (),
+    extra_sets: list[EvalSet] = (),
+    seed: int = 0,
+    shots: int | None = None,
+    reader: str = "clip",
+    also: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator:
+    """One method's session of a comparison, from `history`: the session's events (not its
+    Done), then a MethodResult with the record, read with `also` too when given; or Stopped.
+    (The app runs one GPU call per method through this; `run_compare` loops over it.)"""
+    events = run_session(
+        bundle,
+        history,
+        method,
+        train,
+        target=target,
+        controls=list(controls),
+        extra_sets=list(extra_sets),
+        trained_sets=[target.name],
+        seed=seed,
+        shots=shots,
+        reader=reader,
+        should_stop=should_stop,
+    )
+    record = None
+    try:
+        for event in events:
+            if isinstance(event, Done):
+                record = event.record
+                break
+            yield event
+            if isinstance(event, Stopped):
+                return
+    finally:
+        events.close()
+    if also is not None:
+        second_reading(bundle, history, record, target, list(controls), also)
+    yield MethodResult(method.name, result_row(record), record)
+
+
 def run_compare(
     bundle,
     history: History,
@@ -218,36 +266,25 @@ def run_compare(
     results = []
     for number, (name, method) in enumerate(made.items(), 1):
         yield MethodStart(name, number, len(made))
-        events = run_session(
+        for event in compare_one(
             bundle,
             history,
             method,
             train,
             target=target,
-            controls=list(controls),
-            extra_sets=list(extra_sets),
-            trained_sets=[target.name],
+            controls=controls,
+            extra_sets=extra_sets,
             seed=seed,
             shots=shots,
             reader=reader,
+            also=also,
             should_stop=should_stop,
-        )
-        record = None
-        try:
-            for event in events:
-                if isinstance(event, Done):
-                    record = event.record
-                    break
-                yield event
-                if isinstance(event, Stopped):
-                    return
-        finally:
-            events.close()
-        if also is not None:
-            second_reading(bundle, history, record, target, list(controls), also)
-        row = result_row(record)
-        results.append(row)
-        yield MethodResult(name, row, record)
+        ):
+            yield event
+            if isinstance(event, Stopped):
+                return
+            if isinstance(event, MethodResult):
+                results.append(event.result)
     yield Compared(results)
 
 

@@ -3,6 +3,7 @@ downloads, called as Gradio calls them (no server, no browser) on tiny-random.""
 
 import csv
 import io
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -11,9 +12,12 @@ from conftest_ui import make_core
 from matplotlib.figure import Figure
 
 from lorsu_demo import takeaway
+from lorsu_demo.compare import MethodResult
+from lorsu_demo.history import History
 from lorsu_demo.ui import takeaway as takeaway_ui
+from lorsu_demo.ui import zerogpu
 from lorsu_demo.ui.app import build_app
-from lorsu_demo.ui.compare_core import compare, keep
+from lorsu_demo.ui.compare_core import _method_seconds, compare, keep, method_worker
 from lorsu_demo.ui.core import UserError
 
 
@@ -139,3 +143,23 @@ def test_stop_ends_a_comparison_with_nothing_kept(app):
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(UserError, match="run a comparison first"):
         keep(core, key, "lorsu")
+
+
+def test_each_method_is_one_gpu_call_within_zerogpus_limit(app):
+    """On ZeroGPU a comparison asks for one GPU call per method (a call has a longest
+    duration); what goes in and comes out of a call must pickle."""
+    core, _ = app
+    data = core.examples.get("colours")
+    history = History(model=core.bundle.source)
+    train = data.session_images(3, 1)
+    settings = {"batch_size": 4, "epochs": 1}
+    args = (history, "spu", settings, train, data.target, core.controls, [], 1001, 3, "clip", "mc")
+    args = pickle.loads(pickle.dumps(args))
+    events = [pickle.loads(pickle.dumps(e)) for e in method_worker(*args)]
+    assert isinstance(events[-1], MethodResult) and events[-1].record.method == "spu"
+    assert set(events[-1].record.extra["readings"]) == {"clip", "mc"}
+    assert len(history) == 0
+    long = {"batch_size": 1, "epochs": 500}
+    assert _method_seconds(history, "full", long, train, data.target) == zerogpu.MAX_DURATION_S
+    short = _method_seconds(history, "spu", settings, train, data.target)
+    assert short < _method_seconds(history, "spu", settings, train, data.target, also="mc")

@@ -14,12 +14,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..compare import MethodResult, MethodStart, parse_methods, run_compare
+from ..compare import Compared, MethodResult, MethodStart, compare_one, parse_methods
 from ..evaluate import READERS
 from ..events import Metrics, Phase, Step, Stopped
-from ..methods import MethodError, method_settings
+from ..methods import MethodError, make_method, method_settings
 from ..runs import check_labels, one_session, run_seed
-from . import engine
+from . import engine, zerogpu
 from .core import USER_ERRORS, AppCore, UserError, session_seed
 
 log = logging.getLogger("lorsu_demo.ui")
@@ -63,17 +63,22 @@ def _history_key(history) -> tuple:
     return tuple((r.index, r.method, r.created) for r in history.sessions)
 
 
-def _compare_seconds(history, methods, settings, train, *args, **kwargs) -> int:
-    """ZeroGPU duration: every method's session, one after another."""
-    steps = sum(engine.planned_steps(len(train), settings[m]) for m in methods)
-    return int(min(1800, 60 * len(methods) + 3 * steps))
+def _method_seconds(
+    history, method, settings, train, target, controls=(), extra_sets=(), seed=0, shots=None,
+    reader="clip", also=None,
+) -> int:  # fmt: skip
+    """ZeroGPU duration of one method's session (a comparison asks once per method, so that
+    each call stays within the platform's longest call); a second reading adds its evaluation."""
+    steps = engine.planned_steps(len(train), settings)
+    extra = zerogpu.SESSION_FIXED_S if also else 0
+    return int(min(zerogpu.MAX_DURATION_S, zerogpu.session_seconds(steps) + extra))
 
 
-@engine.gpu(duration=_compare_seconds)
-def compare_worker(
+@engine.gpu(duration=_method_seconds)
+def method_worker(
     history,
-    methods: list[str],
-    settings: dict[str, dict],
+    method: str,
+    settings: dict,
     train,
     target,
     controls=(),
@@ -83,16 +88,16 @@ def compare_worker(
     reader: str = "clip",
     also: str | None = None,
 ) -> Iterator:
-    """`run_compare` on the process's model; records come back in MethodResult events."""
-    events = run_compare(
+    """One method's session of a comparison on the process's model (`compare_one`): its
+    events, then a MethodResult carrying the record (nothing is appended anywhere)."""
+    events = compare_one(
         engine.current(),
         history,
-        methods,
+        make_method(method, **settings),
         train,
         target=target,
         controls=list(controls),
         extra_sets=list(extra_sets),
-        settings=settings,
         seed=seed,
         shots=shots,
         reader=reader,
@@ -156,6 +161,8 @@ def compare(
             if name is not None and name not in READERS:
                 raise UserError(f"Unknown reader {name!r}: choose one of {', '.join(READERS)}.")
         per_method = method_settings_for_app(core, names, epochs, settings)
+        for name in names:  # every method's settings are checked before the first one trains
+            make_method(name, **per_method[name])
         shots = 5 if shots is None or shots == "" else int(shots)
         if shots < 1:
             raise UserError("Use at least one shot (training image per class).")
@@ -172,6 +179,7 @@ def compare(
         yield _stopped(view, "Stopped before it started: nothing changed.")
         return
     start_key = _history_key(ws.history)
+    extra_sets = core._extra_sets(ws, data)
     ws.compared = {}
     ws.busy = True
     started = time.perf_counter()
@@ -179,53 +187,66 @@ def compare(
         f"Comparing {', '.join(names)} on {data.name}: {shots} per class, seed {seed}, each "
         f"from session {len(ws.history)}…"
     )
-    worker = compare_worker(
-        ws.history,
-        names,
-        per_method,
-        train,
-        data.target,
-        core.controls,
-        core._extra_sets(ws, data),
-        run_seed(seed, 1),
-        shots,
-        reader,
-        also,
-    )
-    records = {}
+    records, results = {}, []
+    worker = None
     try:
         yield Phase("start", view.status), view
-        for event in worker:
-            if ws.stop.is_set():
-                worker.close()
-                yield _stopped(view, "Stopped: nothing changed.")
-                return
+        for number, name in enumerate(names, 1):
+            event = MethodStart(name, number, len(names))
             view.on(event)
-            if isinstance(event, MethodResult):
-                record = event.record
-                record.extra["user_seed"] = seed
-                record.extra["command"] = core.command(data, record, seed)
-                records[event.method] = record
-            if isinstance(event, Stopped):
-                yield _stopped(view, event.message)
-                return
-            if event.kind == "compared":
-                ws.compared = {"start": start_key, "records": records, "data": data.name}
-                view.finished, view.tone = True, "done"
-                best = max(view.results, key=lambda r: r["ti"])
-                view.status = (
-                    f"Compared {len(names)} methods in {time.perf_counter() - started:.0f} s "
-                    f"(most learned: {best['method']}, TI {best['ti']:+.1f}). Your history is "
-                    "unchanged: keep one method's session below, or compare again."
-                )
             yield event, view
+            worker = method_worker(
+                ws.history,
+                name,
+                per_method[name],
+                train,
+                data.target,
+                core.controls,
+                extra_sets,
+                run_seed(seed, 1),
+                shots,
+                reader,
+                also,
+            )
+            for event in worker:
+                if ws.stop.is_set():
+                    worker.close()
+                    yield _stopped(view, "Stopped: nothing changed.")
+                    return
+                view.on(event)
+                if isinstance(event, Stopped):
+                    yield _stopped(view, event.message)
+                    return
+                if isinstance(event, MethodResult):
+                    record = event.record
+                    record.extra["user_seed"] = seed
+                    record.extra["command"] = core.command(data, record, seed)
+                    records[name] = record
+                    results.append(event.result)
+                yield event, view
+            worker.close()
+        ws.compared = {"start": start_key, "records": records, "data": data.name}
+        view.finished, view.tone = True, "done"
+        best = max(results, key=lambda r: r["ti"])
+        view.status = (
+            f"Compared {len(names)} methods in {time.perf_counter() - started:.0f} s "
+            f"(most learned: {best['method']}, TI {best['ti']:+.1f}). Your history is "
+            "unchanged: keep one method's session below, or compare again."
+        )
+        yield Compared(results), view
     except USER_ERRORS as err:
         yield _failed(view, f"{err} Nothing was saved.")
     except Exception as err:  # never a traceback on screen; the log has it
-        log.exception("comparison failed")
-        yield _failed(view, f"Something went wrong ({type(err).__name__}: {err}). Nothing saved.")
+        problem = zerogpu.gpu_problem(err)  # ZeroGPU's quota and duration refusals
+        if problem is None:
+            log.exception("comparison failed")
+        yield _failed(
+            view,
+            problem or f"Something went wrong ({type(err).__name__}: {err}). Nothing saved.",
+        )
     finally:
-        worker.close()
+        if worker is not None:
+            worker.close()
         ws.busy = False
         if ws.closed:
             core.close(ws.key)
