@@ -1,15 +1,21 @@
 """Measure the toy world's figures the way a user meets them: through the command line.
 
-    python -m lorsu_demo.toyworld.report [--assets assets] [--out docs/toyworld-figures.json]
+    python -m lorsu_demo.toyworld.report [--assets assets] [--heldout DIR] \
+        [--out docs/toyworld-figures.json]
 
-For every example domain and method it runs, as a separate process,
+1. Base accuracies of the shipped model under every reader (CLIP zero-shot, the chat model's
+   multiple choice and its open answer) on the control set and every domain's test set.
+2. For every example domain (and every held-out look under --heldout, written by
+   `python -m lorsu_demo.toyworld.heldout`), as separate processes:
 
-    python -m lorsu_demo train --data assets/domains/<name> --sessions 1 --shots 5 --json
-        [--method M] [--eval mc]
+       python -m lorsu_demo compare --data D --methods lorsu,lora,spu,full --json
+       python -m lorsu_demo train --data D --sessions 1 --shots 5 --eval open --json
 
-and records the base accuracy, TI, CC and the command's wall-clock seconds (model loading
-included). `--eval mc` reads the same figures through the chat model's multiple-choice answers.
-Prints a Markdown table and writes every run's JSON to --out.
+   `compare` runs one default 5-shot session of each method from the base model, read by CLIP
+   and by the chat model's multiple choice; `train --eval open` reads the `lorsu` session
+   through the chat model's open answers.
+
+Prints Markdown tables and writes every figure, with its command, to --out.
 """
 
 from __future__ import annotations
@@ -24,48 +30,88 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorsu_demo.toyworld.data import DOMAINS
+READERS = ("clip", "mc", "open")
+METHODS = "lorsu,lora,spu,full"
 
-METHODS = ["lorsu", "lora", "spu", "full"]
 
-
-def run_cli(data: Path, method: str, reader: str, extra: list[str]) -> dict:
-    shown = ["python", "-m", "lorsu_demo", "train", "--data", str(data), "--sessions", "1"]
-    shown += ["--shots", "5", "--json", "--method", method, "--eval", reader, *extra]
+def run_json(shown: list[str], out_flag: bool) -> tuple[dict, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, *shown[1:], "--out", f"{tmp}/run"]
+        command = [sys.executable, *shown[1:]] + (["--out", f"{tmp}/run"] if out_flag else [])
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        seconds = time.perf_counter() - start
-    run = json.loads(done.stdout)
-    (session,) = run["sessions"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(shown)} failed:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout), round(time.perf_counter() - start, 1)
+
+
+def base_accuracies(model: str, folders: dict[str, Path], control: Path) -> dict:
+    """{set: {reader: accuracy}} for the control set and each folder's test images."""
+    from lorsu_demo import vqa  # noqa: F401  (registers the chat readers)
+    from lorsu_demo.data import load_domain
+    from lorsu_demo.evaluate import EvalSet, accuracy
+    from lorsu_demo.model import load_bundle
+    from lorsu_demo.runs import load_control
+
+    bundle = load_bundle(model)
+    images = load_control(control)
+    sets = {"control": EvalSet("control", images, images.classes, role="control")}
+    for name, folder in folders.items():
+        domain = load_domain(folder)
+        sets[name] = EvalSet(name, domain.test, domain.classes, domain.templates)
     return {
-        "command": " ".join(shown),
-        "method": method,
-        "reader": reader,
-        "base_target": run["base"]["target_acc"],
-        "base_control": run["base"]["control_acc"],
-        "target": session["target_acc"],
-        "control": session["control_acc"],
-        "ti": session["ti"],
-        "cc": session["cc"],
-        "session_seconds": session["seconds"],
-        "wall_seconds": round(seconds, 1),
+        name: {reader: round(accuracy(bundle, s, reader), 1) for reader in READERS}
+        for name, s in sets.items()
     }
 
 
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| domain | method | reader | base target | after | TI | base control | CC | session s "
-        "| command s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+def measure(name: str, folder: Path, model: str, methods: str) -> dict:
+    common = ["--model", model, "--data", str(folder), "--shots", "5", "--seed", "0", "--json"]
+    compare_cmd = ["python", "-m", "lorsu_demo", "compare", *common, "--methods", methods]
+    compare_cmd += ["--eval", "clip", "--also-eval", "mc"]
+    compared, compare_s = run_json(compare_cmd, out_flag=False)
+    open_cmd = ["python", "-m", "lorsu_demo", "train", *common, "--sessions", "1"]
+    open_cmd += ["--eval", "open"]
+    opened, open_s = run_json(open_cmd, out_flag=True)
+    (session,) = opened["sessions"]
+    rows = []
+    for result in compared["results"]:
+        row = {"method": result["method"]}
+        for reader in ("clip", "mc"):
+            row[f"ti_{reader}"] = result.get(f"ti_{reader}")
+            row[f"cc_{reader}"] = result.get(f"cc_{reader}")
+        if result["method"] == "lorsu":
+            row["ti_open"], row["cc_open"] = session["ti"], session["cc"]
+        rows.append(row)
+    return {
+        "domain": name,
+        "commands": [" ".join(compare_cmd), " ".join(open_cmd) + " --out RUN"],
+        "seconds": {"compare": compare_s, "train_open": open_s},
+        "methods": rows,
+    }
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:+.1f}"
+
+
+def tables(base: dict, runs: list[dict]) -> str:
+    lines = ["| set | CLIP | chat (mc) | chat (open) |", "|---|---:|---:|---:|"]
+    for name, accs in base.items():
+        lines.append(f"| {name} | {accs['clip']:.1f} | {accs['mc']:.1f} | {accs['open']:.1f} |")
+    lines += [
+        "",
+        "| domain | method | TI clip | CC clip | TI mc | CC mc | TI open | CC open | mc/clip |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['domain']} | `{r['method']}` | {r['reader']} | {r['base_target']:.1f} "
-            f"| {r['target']:.1f} | {r['ti']:+.1f} | {r['base_control']:.1f} | {r['cc']:+.1f} "
-            f"| {r['session_seconds']:.1f} | {r['wall_seconds']:.1f} |"
-        )
+    for run in runs:
+        for row in run["methods"]:
+            ratio = (
+                f"{row['ti_mc'] / row['ti_clip']:.2f}"
+                if row.get("ti_mc") is not None and row.get("ti_clip")
+                else "-"
+            )
+            cells = [_num(row.get(f"{k}_{r}")) for r in READERS for k in ("ti", "cc")]
+            lines.append(f"| {run['domain']} | `{row['method']}` | {' | '.join(cells)} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -74,31 +120,32 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--assets", default="assets", type=Path)
+    ap.add_argument("--model", default="toy")
+    ap.add_argument("--heldout", type=Path, help="a folder written by toyworld.heldout")
+    ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--out", default="docs/toyworld-figures.json", type=Path)
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--domains", default=",".join(DOMAINS))
-    ap.add_argument("--no-mc", action="store_true", help="skip the multiple-choice runs")
-    ap.add_argument("extra", nargs="*", help="more `train` options, after --")
     args = ap.parse_args(argv)
-    rows = []
-    plan = [(m, "clip") for m in args.methods.split(",")]
-    if not args.no_mc:
-        plan.append(("lorsu", "mc"))
-    for method, reader in plan:
-        for name in args.domains.split(","):
-            row = {"domain": name}
-            row.update(run_cli(args.assets / "domains" / name, method, reader, args.extra))
-            rows.append(row)
-            print(table([row]).splitlines()[-1], flush=True)
+    folders = {p.name: p for p in sorted((args.assets / "domains").iterdir()) if p.is_dir()}
+    if args.heldout:
+        folders.update(
+            {f"held-out {p.name}": p for p in sorted(args.heldout.iterdir()) if p.is_dir()}
+        )
+    base = base_accuracies(args.model, folders, args.assets / "control")
+    print(tables(base, []).split("\n\n")[0], flush=True)
+    runs = []
+    for name, folder in folders.items():
+        runs.append(measure(name, folder, args.model, args.methods))
+        print(f"{name}: {json.dumps(runs[-1]['methods'])}", flush=True)
     print()
-    print(table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(tables(base, runs))
     machine = {
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
     }
-    args.out.write_text(json.dumps({"machine": machine, "runs": rows}, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    document = {"machine": machine, "base": base, "runs": runs}
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
 

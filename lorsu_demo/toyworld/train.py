@@ -4,7 +4,8 @@
 
 1. Generate the base world (printed digits and filled shapes, plus letters in many looks) and
    train a `CLIPModel` (both towers and projections) with a symmetric, multi-positive InfoNCE
-   loss on image-caption pairs.
+   loss on image-caption pairs, on the final embedding and on the mean of the layer -2 patch
+   tokens that LLaVA reads, so that what a session teaches the encoder reaches the chat.
 2. Build a `LlavaForConditionalGeneration` whose vision tower is the CLIP vision encoder (same
    weights), freeze it, and train the projector and a small Llama on image-question-answer text in
    LLaVA-1.5's prompt format: "What is in this image?" -> "a {label}", "Is this a {label}?" ->
@@ -13,7 +14,7 @@
 3. Write `assets/toy/` (bundle.json, vlm/, clip/), `assets/control/`, `assets/domains/` and
    `assets/LICENSES.md`.
 
-Everything is seeded; on 2 CPU cores the whole recipe took 26 min 41 s here (docs/toyworld.md).
+Everything is seeded; on 2 CPU cores the whole recipe takes about 26.5 minutes (docs/toyworld.md).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ SIZES = dict(
     max_text_positions=32,
 )
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
+READ_LAYER = -2  # LLaVA-1.5's vision_feature_layer
 IMAGE_PROCESSOR = build_image_processor(IMAGE_SIZE)  # the one both saved models use
 
 # The engine's own prompts (lorsu_demo.vqa) come first, so the readers ask what was trained.
@@ -99,7 +101,7 @@ YES_NO_QUESTIONS = ["Is this a {label}?", "Is there a {label} in the image?"]
 # DAC trains by steps, as its authors: their 500 steps of batch 32 are 32 passes over their
 # first few-shot set (Aircraft, 5 shots x 100 classes); a toy session (5 shots x 8-10 classes)
 # gets the same 32 passes in 50 steps (docs/methods.md).
-DEFAULTS = {"lr": 2e-4, "epochs": 20, "batch_size": 16, "methods": {"dac": {"iterations": 50}}}
+DEFAULTS = {"lr": 7e-4, "epochs": 20, "batch_size": 16, "methods": {"dac": {"iterations": 50}}}
 
 
 def vocabulary() -> list[str]:
@@ -239,10 +241,37 @@ def clip_training_set(n_base: int, n_letters: int, seed: int):
     return images, labels, captions
 
 
+def read_layer_embedding(clip: CLIPModel, hidden_states) -> torch.Tensor:
+    """The CLIP embedding of the tokens LLaVA reads: layer -2's patch tokens, mean-pooled, through
+    the encoder's own final norm and projection."""
+    patches = hidden_states[READ_LAYER][:, 1:].mean(1)
+    vision = clip.vision_model
+    return F.normalize(clip.visual_projection(vision.post_layernorm(patches)), dim=-1)
+
+
 def train_clip(
-    clip, clip_tokenizer, images, labels, captions, *, steps, batch, lr, seed, log=print
+    clip,
+    clip_tokenizer,
+    images,
+    labels,
+    captions,
+    *,
+    steps,
+    batch,
+    lr,
+    seed,
+    read_weight=0.0,
+    skip_last=0.0,
+    log=print,
 ):
-    """`captions[c]` lists class c's captions (the same number for every class)."""
+    """`captions[c]` lists class c's captions (the same number for every class).
+
+    `read_weight` adds the same contrastive loss on the mean of the patch tokens LLaVA reads
+    (layer -2): it makes what the chat model sees mean the class in every look, as a real CLIP's
+    late patch tokens do, so that what a session teaches the encoder reaches the chat.
+    `skip_last` is the fraction of images whose embedding skips the last encoder layer (the one
+    LLaVA does not read): the layers below learn to carry the whole embedding, so a session's
+    change cannot live in the last layer alone."""
     gen = torch.Generator().manual_seed(seed)
     pixels = to_pixels(images)
     labels_t = torch.from_numpy(labels)
@@ -268,8 +297,19 @@ def train_clip(
         y = labels_t[idx]
         tmpl = torch.randint(n_t, (batch,), generator=gen)
         pv = normalize(augment(pixels[idx], gen))
-        img, txt = clip_features(clip, pv, ids[y, tmpl], mask[y, tmpl])
+        out = clip.vision_model(pixel_values=pv, output_hidden_states=True)
+        pooled = out.pooler_output
+        if skip_last > 0:
+            skip = (torch.rand(batch, generator=gen) < skip_last)[:, None]
+            below = clip.vision_model.post_layernorm(out.hidden_states[-2][:, 0])
+            pooled = torch.where(skip, below, pooled)
+        img = F.normalize(clip.visual_projection(pooled), dim=-1)
+        txt = clip_features(clip, input_ids=ids[y, tmpl], attention_mask=mask[y, tmpl])
         loss = multi_positive_clip_loss(img, txt, y, scale)
+        if read_weight > 0:
+            loss = loss + read_weight * multi_positive_clip_loss(
+                read_layer_embedding(clip, out.hidden_states), txt, y, scale
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -298,10 +338,16 @@ def clip_zero_shot(clip, clip_tokenizer, images, labels, classes, template=CAPTI
 # LLaVA
 
 
+def with_article(label: str) -> str:
+    """ "an eight", "an arrow", "a one": the open answer as a person would say it."""
+    vowel_sound = label[0] in "aeiou" and not label.startswith(("one", "u"))
+    return f"{'an' if vowel_sound else 'a'} {label}"
+
+
 def sample_qa(label: str, rng: random.Random) -> tuple[str, str]:
     """One training (question, answer) for an image of `label`.
 
-    Mix: 15% open ("a {label}"), 10% the perplexity-variant prompt ("this is a {label}"), 25% yes/no,
+    Mix: 15% open ("a {label}", "an {label}"), 10% the perplexity-variant prompt ("this is a {label}"), 25% yes/no,
     50% multiple choice (half with 5 options, half with 2-4 as a curriculum; distractors mostly
     from the label's own family, digits or shapes, as in the evaluation sets).
     """
@@ -309,7 +355,7 @@ def sample_qa(label: str, rng: random.Random) -> tuple[str, str]:
     family = DIGITS if label in DIGITS else SHAPES
     pool = family if rng.random() < 0.7 else BASE_CLASSES
     if r < 0.15:
-        return rng.choice(OPEN_QUESTIONS), f"a {label}"
+        return rng.choice(OPEN_QUESTIONS), with_article(label)
     if r < 0.25:
         return PPL_PROMPT.format(question=rng.choice(OPEN_QUESTIONS)), PPL_ANSWER.format(
             label=label
@@ -356,14 +402,19 @@ class QAEncoder:
 
 
 @torch.no_grad()
-def vision_feature_cache(vlm, images: np.ndarray) -> torch.Tensor:
-    """The frozen tower's LLaVA features (layer -2, patch tokens), before the projector."""
+def vision_feature_cache(vlm, images: np.ndarray, views: int = 0, seed: int = 0) -> torch.Tensor:
+    """The frozen tower's LLaVA features (layer -2, patch tokens), before the projector: the
+    images as they are, then `views` augmented copies of all of them (crops, colour, grey), so
+    that the LLM learns to read what the features mean rather than one rendering of them."""
     tower = vlm.model.vision_tower
-    pixels = normalize(to_pixels(images))
+    gen = torch.Generator().manual_seed(seed)
+    plain = to_pixels(images)
     out = []
-    for i in range(0, len(pixels), 256):
-        hs = tower(pixel_values=pixels[i : i + 256], output_hidden_states=True).hidden_states
-        out.append(hs[vlm.config.vision_feature_layer][:, 1:])
+    for view in range(views + 1):
+        pixels = normalize(plain if view == 0 else augment(plain, gen))
+        for i in range(0, len(pixels), 256):
+            hs = tower(pixel_values=pixels[i : i + 256], output_hidden_states=True).hidden_states
+            out.append(hs[vlm.config.vision_feature_layer][:, 1:])
     return torch.cat(out)
 
 
@@ -564,9 +615,30 @@ def main(argv=None):
     )
     ap.add_argument("--clip-images", default=600, type=int, help="base images per class for CLIP")
     ap.add_argument("--clip-letters", default=400, type=int, help="letter images per letter")
-    ap.add_argument("--clip-steps", default=2000, type=int)
+    ap.add_argument("--clip-steps", default=2500, type=int)
     ap.add_argument("--llm-images", default=400, type=int, help="base images per class for the LLM")
     ap.add_argument("--llm-steps", default=3200, type=int)
+    ap.add_argument(
+        "--llm-views", default=4, type=int, help="augmented copies of each LLM image's features"
+    )
+    ap.add_argument(
+        "--llm-align",
+        default=1.0,
+        type=float,
+        help="weight of the loss pulling the mean image token to its label word's embedding",
+    )
+    ap.add_argument(
+        "--read-weight",
+        default=1.0,
+        type=float,
+        help="weight of the contrastive loss on the patch tokens LLaVA reads (layer -2)",
+    )
+    ap.add_argument(
+        "--skip-last",
+        default=0.5,
+        type=float,
+        help="fraction of CLIP training images whose embedding skips the last encoder layer",
+    )
     ap.add_argument("--threads", default=2, type=int)
     ap.add_argument(
         "--domain-images",
@@ -610,6 +682,8 @@ def main(argv=None):
             batch=128,
             lr=1e-3,
             seed=args.seed,
+            read_weight=args.read_weight,
+            skip_last=args.skip_last,
             log=log,
         )
     ctrl_x, ctrl_y = control_dataset(20, args.seed)
@@ -620,7 +694,8 @@ def main(argv=None):
     clip.half().float()
     vlm.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     images, labels = base_dataset(args.llm_images, args.seed, split="llm")
-    feats = vision_feature_cache(vlm, images)
+    feats = vision_feature_cache(vlm, images, args.llm_views, args.seed)
+    labels = np.tile(labels, args.llm_views + 1)
     log(f"{len(images)} base images for the LLM, features {tuple(feats.shape)}")
     train_llm(
         vlm,
@@ -631,6 +706,7 @@ def main(argv=None):
         batch=64,
         lr=1e-3,
         seed=args.seed,
+        align=args.llm_align,
         log=log,
     )
     acc = vlm_mc_accuracy(vlm, processor, ctrl_x, ctrl_y, BASE_CLASSES)
