@@ -56,6 +56,8 @@ def teach_and_train(page, example_title: str, session: int = 1) -> dict:
         "heatmap": page.locator("#lorsu-heatmap img").count(),
         "curves": page.locator("#lorsu-curves img").count(),
         "probes": page.locator("#lorsu-probes tbody tr").count(),
+        # right answers of the base model, the model before and after the session
+        "probes_right": page.inner_text("#lorsu-probes tfoot").split("\t")[-3:],
     }
 
 
