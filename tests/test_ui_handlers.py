@@ -383,7 +383,9 @@ def test_figures_and_html():
     figure = figures.scores_figure(
         [[1.0, 2.0, 0.5], [0.0, 3.0, 1.0]], [[1], [1, 2]], [0.1, 0.1], 1, 2, 3, "lorsu"
     )
-    assert figure.axes and "not read by the VLM" in [t.get_text() for t in figure.axes[0].texts]
+    ticks = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    assert figure.axes and "not read by the VLM" in ticks[-1]  # beside the row, not over its boxes
+    assert not any("not read" in t for t in ticks[:-1]) and not figure.axes[0].texts
     assert figures.scores_figure(None, [[], []], [0.0, 0.0], 1, 2, 3, "lora").axes
     html = figures.metrics_html(12.5, -3.0, 80, 67.5, 40, 43)
     assert "+12.5" in html and "lorsu-good" in html and "lorsu-bad" in html
@@ -398,6 +400,12 @@ def test_figures_and_html():
     foot = table.split("<tfoot>")[1]
     assert foot.index("1 of 1 right") < foot.index("0 of 1 right")  # base, then after
     assert figures.pretty("control:control") == "control"
+    small = Image.new("RGB", (32, 32), (200, 10, 10))
+    small.putpixel((0, 0), (0, 0, 255))
+    shown = figures.for_display(small)
+    assert shown.size == (256, 256) and shown.getpixel((7, 7)) == (0, 0, 255)  # sharp pixels
+    assert shown.getpixel((8, 8)) == (200, 10, 10)
+    assert figures.for_display(Image.new("RGB", (300, 200))).size == (300, 200)
 
 
 def test_settings_are_cleaned():

@@ -697,7 +697,8 @@ def build_app(core: AppCore) -> gr.Blocks:
             if not path:
                 return None, gr.skip()
             try:
-                return core.chat_image(path), _status("Image ready: ask a question.", "info")
+                shown = figures.for_display(core.chat_image(path))
+                return shown, _status("Image ready: ask a question.", "info")
             except UserError as err:
                 return None, _status(str(err), "error")
 

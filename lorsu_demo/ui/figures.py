@@ -141,10 +141,14 @@ def scores_figure(
     for layer in range(layers_read, num_layers):
         for axes in (heat, bars):
             axes.axhspan(layer - 0.5, layer + 0.5, color=UNREAD, alpha=0.55, lw=0, zorder=3)
-        heat.text((num_heads - 1) / 2, layer, "not read by the VLM", ha="center", va="center",
-                  color="white", fontsize=8.5, fontweight="bold", zorder=4)  # fmt: skip
     heat.set_xticks(range(num_heads), [str(h + 1) for h in range(num_heads)], fontsize=8)
-    heat.set_yticks(range(num_layers), [f"layer {i + 1}" for i in range(num_layers)], fontsize=8)
+    # The unread layers say so in their tick label, not over their cells, where a label would
+    # hide the red boxes of the heads trained there.
+    names = [
+        f"layer {i + 1}" if i < layers_read else f"layer {i + 1}\nnot read by the VLM"
+        for i in range(num_layers)
+    ]
+    heat.set_yticks(range(num_layers), names, fontsize=8)
     heat.set_xlabel(
         f"attention head ({chosen} boxed in red = trained)" if chosen else "attention head",
         fontsize=9,
@@ -326,6 +330,15 @@ def metrics_html(
     )
     foot = f'<div class="lorsu-metric-note">{html.escape(note)}</div>' if note else ""
     return f'<div class="lorsu-metrics">{cards}</div>{foot}'
+
+
+def for_display(image: Image.Image, side: int = 256) -> Image.Image:
+    """A small image blown up by a whole factor with nearest-neighbour sampling, so a 32 px
+    image shows its pixels sharp instead of a blurry or tiny preview; large images unchanged."""
+    factor = side // max(image.size)
+    if factor < 2:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 def image_data_uri(image: Image.Image, size: int = 72) -> str:
