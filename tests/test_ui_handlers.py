@@ -400,6 +400,12 @@ def test_figures_and_html():
     foot = table.split("<tfoot>")[1]
     assert foot.index("1 of 1 right") < foot.index("0 of 1 right")  # base, then after
     assert figures.pretty("control:control") == "control"
+    # a sawtooth of small last batches becomes one point per epoch
+    losses = [(1, 2.0), (2, 1.8), (3, 0.2), (4, 1.2), (5, 1.0), (6, 0.1)]
+    ends, means = figures.epoch_means(losses, [1, 1, 1, 2, 2, 2])
+    assert ends == [3, 6] and means == pytest.approx([4.0 / 3, 2.3 / 3])
+    curves = figures.curves_figure(losses, [], 6, epochs=[1, 1, 1, 2, 2, 2])
+    assert "per epoch" in curves.axes[0].get_title()
     small = Image.new("RGB", (32, 32), (200, 10, 10))
     small.putpixel((0, 0), (0, 0, 255))
     shown = figures.for_display(small)

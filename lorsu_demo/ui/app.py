@@ -134,7 +134,12 @@ class Views:
         if live is None:
             return figures.curves_figure([], [], None)
         return figures.curves_figure(
-            live.losses, live.accuracy, live.total, live.base_target, live.base_control
+            live.losses,
+            live.accuracy,
+            live.total,
+            live.base_target,
+            live.base_control,
+            epochs=live.epochs,
         )
 
     def scores(self, live=None):

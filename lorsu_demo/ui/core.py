@@ -59,6 +59,7 @@ class Live:
     data: str = ""
     total: int | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)  # the epoch of each loss
     accuracy: list[dict] = field(default_factory=list)
     base_target: float | None = None
     base_control: float | None = None
@@ -90,6 +91,7 @@ class Live:
             self.phase = "training"
             self.total = event.total
             self.losses.append((event.step, event.loss))
+            self.epochs.append(event.epoch)
             self.status = (
                 f"Step {event.step} of {event.total} (epoch {event.epoch}) · loss {event.loss:.3f}"
             )

@@ -51,24 +51,48 @@ def _message(figure: Figure, text: str) -> Figure:
 
 
 # ---- the session's curves --------------------------------------------------------------------
+def epoch_means(
+    losses: list[tuple[int, float]], epochs: list[int]
+) -> tuple[list[int], list[float]]:
+    """(last step of each epoch, that epoch's mean loss), for the epochs seen so far."""
+    groups: dict[int, list[tuple[int, float]]] = {}
+    for (step, loss), epoch in zip(losses, epochs):
+        groups.setdefault(epoch, []).append((step, loss))
+    ends = [points[-1][0] for points in groups.values()]
+    means = [sum(loss for _, loss in points) / len(points) for points in groups.values()]
+    return ends, means
+
+
 def curves_figure(
     losses: list[tuple[int, float]],
     accuracy: list[dict],
     total: int | None,
     base_target: float | None = None,
     base_control: float | None = None,
+    epochs: list[int] | None = None,
 ) -> Figure:
-    """Loss per step (left) and target/control accuracy at the evaluation points (right)."""
+    """Loss per step (left) and target/control accuracy at the evaluation points (right).
+
+    With `epochs` (the epoch of each step) the line is each epoch's mean loss and the steps are
+    drawn faint: an epoch's last batch is often small (50 images in batches of 16 end with 2),
+    and its loss alone dips, which made the per-step line a sawtooth."""
     figure = _figure(7.6, 2.7)
     loss_axes, acc_axes = figure.subplots(1, 2)
     right = max(1, total or (losses[-1][0] if losses else 1))
-    if losses:
+    title = "Training loss (lower = better fit)"
+    if losses and epochs and len(epochs) == len(losses) and len(set(epochs)) > 1:
+        steps, values = zip(*losses)
+        loss_axes.plot(steps, values, color=INK, lw=0.8, alpha=0.25)
+        ends, means = epoch_means(losses, epochs)
+        loss_axes.plot(ends, means, color=INK, lw=1.8, marker="." if len(ends) < 30 else None)
+        title = "Training loss per epoch (faint: each step)"
+    elif losses:
         steps, values = zip(*losses)
         loss_axes.plot(steps, values, color=INK, lw=1.6, marker="." if len(steps) < 30 else None)
     else:
         loss_axes.text(0.5, 0.5, "appears when training starts", ha="center", va="center",
                        color=MUTED, transform=loss_axes.transAxes)  # fmt: skip
-    loss_axes.set_title("Training loss (lower = better fit)", fontsize=10, color=INK)
+    loss_axes.set_title(title, fontsize=10, color=INK)
     loss_axes.set_xlabel("step", fontsize=9)
     loss_axes.set_xlim(0, right)
 
