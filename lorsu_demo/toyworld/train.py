@@ -466,7 +466,19 @@ def first_token_accuracy(vlm, encoder, feats, labels, n=384, seed=1234) -> dict[
 
 
 def train_llm(
-    vlm, processor, feats, labels, *, steps, batch, lr, seed, standin=0.3, align=0.1, log=print
+    vlm,
+    processor,
+    feats,
+    labels,
+    *,
+    steps,
+    batch,
+    lr,
+    seed,
+    standin=0.3,
+    align=0.1,
+    pooled=0.0,
+    log=print,
 ):
     """Train the projector and the LLM (the vision tower is frozen; its features are cached).
 
@@ -475,7 +487,10 @@ def train_llm(
     - stand-in tokens: for a `standin` fraction of the samples the image tokens are replaced by
       the label word's embedding, so the LLM learns to match words with words;
     - alignment: a cosine loss (weight `align`) pulls the mean projected image token towards the
-      label word's embedding, so that images come to use the same matching circuit.
+      label word's embedding, so that images come to use the same matching circuit;
+    - pooled views: for a `pooled` fraction of the samples every image token is the mean of the
+      image's patch tokens (the part of the features that CLIP's read-layer loss made mean the
+      class), so that the LLM learns to answer from what the tokens mean, not where they are.
     """
     vlm.model.vision_tower.requires_grad_(False)
     params = [p for n, p in vlm.named_parameters() if p.requires_grad]
@@ -499,9 +514,13 @@ def train_llm(
         words = embed(label_ids[y])  # [B, H]
         use = (torch.rand(batch, generator=gen) < standin)[:, None, None]
         override = torch.where(use, words[:, None, :].expand(-1, feats.shape[1], -1), nan)
-        loss = answer_loss(llava_logits_from_features(vlm, feats[idx], ids, att, override), lab)
+        seen = feats[idx]
+        if pooled > 0:
+            pool = (torch.rand(batch, generator=gen) < pooled)[:, None, None]
+            seen = torch.where(pool, seen.mean(1, keepdim=True).expand_as(seen), seen)
+        loss = answer_loss(llava_logits_from_features(vlm, seen, ids, att, override), lab)
         if align > 0:
-            proj = vlm.model.multi_modal_projector(feats[idx]).mean(1)
+            proj = vlm.model.multi_modal_projector(seen).mean(1)
             loss = loss + align * (1 - F.cosine_similarity(proj, words.detach(), dim=-1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -628,6 +647,12 @@ def main(argv=None):
         help="weight of the loss pulling the mean image token to its label word's embedding",
     )
     ap.add_argument(
+        "--llm-pooled",
+        default=0.0,
+        type=float,
+        help="fraction of LLM samples whose image tokens are all the mean patch token",
+    )
+    ap.add_argument(
         "--read-weight",
         default=1.0,
         type=float,
@@ -707,6 +732,7 @@ def main(argv=None):
         lr=1e-3,
         seed=args.seed,
         align=args.llm_align,
+        pooled=args.llm_pooled,
         log=log,
     )
     acc = vlm_mc_accuracy(vlm, processor, ctrl_x, ctrl_y, BASE_CLASSES)
