@@ -384,7 +384,7 @@ def test_figures_and_html():
         [[1.0, 2.0, 0.5], [0.0, 3.0, 1.0]], [[1], [1, 2]], [0.1, 0.1], 1, 2, 3, "lorsu"
     )
     ticks = [t.get_text() for t in figure.axes[0].get_yticklabels()]
-    assert figure.axes and "not read by the VLM" in ticks[-1]  # beside the row, not over its boxes
+    assert figure.axes and "not read" in ticks[-1]  # beside the row, not over its boxes
     assert not any("not read" in t for t in ticks[:-1]) and not figure.axes[0].texts
     assert figures.scores_figure(None, [[], []], [0.0, 0.0], 1, 2, 3, "lora").axes
     html = figures.metrics_html(12.5, -3.0, 80, 67.5, 40, 43)

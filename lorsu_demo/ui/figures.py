@@ -169,7 +169,7 @@ def scores_figure(
     # The unread layers say so in their tick label, not over their cells, where a label would
     # hide the red boxes of the heads trained there.
     names = [
-        f"layer {i + 1}" if i < layers_read else f"layer {i + 1}\nnot read by the VLM"
+        f"layer {i + 1}" if i < layers_read else f"layer {i + 1}\nnot read"
         for i in range(num_layers)
     ]
     heat.set_yticks(range(num_layers), names, fontsize=8)
