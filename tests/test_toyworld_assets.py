@@ -13,7 +13,7 @@ from PIL import Image
 
 from lorsu_demo import cli
 from lorsu_demo.chat import answer
-from lorsu_demo.data import LabelledImages, load_folder
+from lorsu_demo.data import LabelledImages, load_folder, normalise, to_unit_pixels
 from lorsu_demo.evaluate import EvalSet, accuracy
 from lorsu_demo.model import load_bundle
 from lorsu_demo.runs import control_sets
@@ -97,16 +97,12 @@ def test_a_seeded_session_teaches_the_chat_model_not_just_clip(tmp_path, capsys)
 
 def test_the_recipe_trains_the_read_layer_with_the_clip_loss(toy):
     images = load_folder(ASSETS / "control")
-    pixels = torch.stack(
-        [
-            torch.from_numpy(np.array(i.image.convert("RGB"))).permute(2, 0, 1).float() / 255
-            for i in images.items[::20]
-        ]
-    )
+    processor = toy.clip_image_processor
+    pixels = to_unit_pixels([i.image for i in images.items[::20]], processor)
     labels = [i.label for i in images.items[::20]]
     with torch.no_grad():
         out = toy.clip.vision_model(
-            pixel_values=recipe.normalize(pixels), output_hidden_states=True
+            pixel_values=normalise(pixels, processor), output_hidden_states=True
         )
         read = recipe.read_layer_embedding(toy.clip, out.hidden_states)
         texts = toy.text_features([TEMPLATE.format(label=c) for c in BASE_CLASSES])

@@ -297,7 +297,7 @@ def train_clip(
         y = labels_t[idx]
         tmpl = torch.randint(n_t, (batch,), generator=gen)
         pv = normalize(augment(pixels[idx], gen))
-        out = clip.vision_model(pixel_values=pv, output_hidden_states=True)
+        out = clip.vision_model(pixel_values=pv, output_hidden_states=read_weight + skip_last > 0)
         pooled = out.pooler_output
         if skip_last > 0:
             skip = (torch.rand(batch, generator=gen) < skip_last)[:, None]
