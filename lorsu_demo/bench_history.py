@@ -7,8 +7,10 @@ cost) and a history of LoRSU-shaped deltas (the footprint of `methods/lorsu.py` 
 defaults: 2 heads' rows of q, k, v and their biases, 10% of fc1 and its bias in every layer,
 the visual projection), each session with other heads and another fc1 mask, and times one
 call's history work: pickle, unpickle, apply, restore. Once as the stack of deltas, once
-folded into one delta (`stack.fold`, done once per version outside the call), and checks that
-both give bit-identical weights and restore exactly.
+folded into one delta (`stack.fold`, done once per version outside the call), once as that
+folded delta shared through a file (`FoldedDelta.share`, written once per version: the call
+pickles a path and a token and the worker memory-maps the file), and checks that every way
+gives bit-identical weights and restores exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
+from pathlib import Path
 
 import torch
 
@@ -103,10 +106,20 @@ def history_cost(sessions: int = 5, arch: str = "llava-1.5-7b", seed: int = 0) -
     folded = fold(deltas)
     folding, folding_cpu = time.perf_counter() - clock, time.process_time() - cpu
     one = time_call(state, [folded])
-    # The folded delta writes the same weights as the stack, and both restore exactly.
-    same = all(torch.equal(stacked["_weights"][k], one["_weights"][k]) for k in one["_weights"])
+    clock, cpu = time.perf_counter(), time.process_time()
+    shared = folded.share()
+    sharing, sharing_cpu = time.perf_counter() - clock, time.process_time() - cpu
+    file_mb = os.path.getsize(shared.shared_path) / 1e6
+    del folded  # the server keeps the shared (memory-mapped) copy only
+    by_path = time_call(state, [shared])
+    # Every way writes the stack's weights, and each restores exactly.
+    same = all(
+        torch.equal(stacked["_weights"][k], row["_weights"][k])
+        for row in (one, by_path)
+        for k in row["_weights"]
+    )
     restored = all(torch.equal(before[k], state[k]) for k in before)
-    for row in (stacked, one):
+    for row in (stacked, one, by_path):
         del row["_weights"]
     return {
         "arch": arch,
@@ -115,9 +128,14 @@ def history_cost(sessions: int = 5, arch: str = "llava-1.5-7b", seed: int = 0) -
         "delta_mb": round(sum(d.nbytes for d in deltas) / sessions / 1e6, 1),
         "stack": stacked,
         "folded": one,
+        "shared": by_path,
         "fold_once_s": round(folding, 3),
         "fold_once_cpu_s": round(folding_cpu, 3),
-        "folded_mb": round(folded.nbytes / 1e6, 1),
+        "share_once_s": round(sharing, 3),
+        "share_once_cpu_s": round(sharing_cpu, 3),
+        "folded_mb": round(shared.nbytes / 1e6, 1),
+        "shared_file_mb": round(file_mb, 1),
+        "shared_dir": str(Path(shared.shared_path).parent),
         "bit_identical": bool(same),
         "restored_exactly": bool(restored),
         "threads": torch.get_num_threads(),

@@ -11,18 +11,35 @@ The folded delta is also cheap to ship and to apply: its mask regions carry thei
 positions (int32), so reading and writing them is a gather and a scatter instead of boolean
 indexing, and all its tensors live in one buffer that pickles as a single copy. It is folded
 once per version, and a new session folds into the previous version's delta.
+
+On ZeroGPU even one pickled copy is too much at LLaVA scale (about 0.5 GB for five ViT-L
+sessions: seconds per call to pickle and unpickle). So a version's folded delta can be
+*shared*: written once as a safetensors file in a private folder (in /dev/shm where there
+is room), after which the delta pickles as its path and a token, and the forked worker
+memory-maps the file (`safetensors.safe_open`, no copy) instead of receiving the bytes. The
+file is deleted when the server's last reference to the delta goes (calls in flight hold one).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 import threading
+import uuid
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .delta import Delta, Patch, Region
+from .delta import Delta, DeltaError, Patch, Region
+from .history import History, HistoryError
+
+SHARED_FORMAT = "lorsu-folded-delta/1"
 
 
 @dataclass(frozen=True)
@@ -115,7 +132,53 @@ class FoldedDelta(Delta):
     and unpickling makes views into the received copy (no per-tensor work)."""
 
     def __reduce__(self):
+        shared = self.__dict__.get("_shared")
+        if shared is not None:  # a path and a token: the worker maps the file
+            return (open_shared, shared)
         return (_rebuild, (self._layout, self._buffer))
+
+    @property
+    def shared_path(self) -> str | None:
+        shared = self.__dict__.get("_shared")
+        return None if shared is None else shared[0]
+
+    def share(self, directory: str | os.PathLike | None = None) -> FoldedDelta:
+        """This delta written once as a safetensors file, returned as a delta read from that
+        file (memory-mapped) that pickles as (path, token). The file goes when the returned
+        delta is garbage collected in this process (not in a forked child)."""
+        if self.__dict__.get("_shared") is not None:
+            return self
+        from safetensors.torch import save_file
+
+        tensors, params = {}, []
+        for index, (name, patch) in enumerate(self.items()):
+            region = patch.region
+            parts = {
+                "rows": region.rows,
+                "bits": region.bits,
+                "flat": getattr(region, "flat", None),
+                "values": patch.values,
+            }
+            present = []
+            for part, tensor in parts.items():
+                if tensor is not None:
+                    tensors[f"{index}.{part}"] = tensor.contiguous()
+                    present.append(part)
+            params.append([name, region.kind, list(region.shape), present])
+        token = uuid.uuid4().hex
+        metadata = {"format": SHARED_FORMAT, "token": token, "params": json.dumps(params)}
+        folder = shared_dir(self.nbytes)
+        path = folder / f"fold-{token}.safetensors"
+        partial = path.with_suffix(".partial")
+        try:
+            save_file(tensors, str(partial), metadata=metadata)
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        shared = open_shared(str(path), token)
+        weakref.finalize(shared, _remove, str(path), os.getpid())
+        return shared
 
     @staticmethod
     def pack(delta: Delta) -> FoldedDelta:
@@ -174,6 +237,71 @@ def _rebuild(layout, buffer: bytearray) -> FoldedDelta:
     return delta
 
 
+def _remove(path: str, owner: int) -> None:
+    """Delete a shared file, only in the process that wrote it (a forked worker inherits the
+    finalizer and must not delete the server's file when it exits)."""
+    if os.getpid() == owner:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def shared_dir(needed: int = 0) -> Path:
+    """The private folder (mode 0700) for shared folded deltas: LORSU_SHARED_DIR, else
+    /dev/shm (memory, nothing touches a disk) when it has room for `needed` bytes and a
+    margin, else the system's temporary folder (the page cache keeps a fresh file in memory
+    there too)."""
+    chosen = os.environ.get("LORSU_SHARED_DIR")
+    if not chosen:
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        chosen = os.path.join(tempfile.gettempdir(), f"lorsu-shared-{user}")
+        shm = "/dev/shm"
+        if os.path.isdir(shm) and os.access(shm, os.W_OK):
+            try:
+                free = shutil.disk_usage(shm).free
+            except OSError:
+                free = 0
+            if free >= 2 * needed + (256 << 20):
+                chosen = os.path.join(shm, f"lorsu-shared-{user}")
+    folder = Path(chosen)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def open_shared(path: str, token: str) -> FoldedDelta:
+    """The folded delta in a shared file, memory-mapped (nothing is copied until it is
+    applied). Refuses a file that is not the one meant: another format or another token."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(path, framework="pt")
+    except Exception as err:  # OSError, or safetensors' own error for a damaged file
+        raise DeltaError(
+            f"The shared copy of this history ({path}) cannot be read: {err}. Try again; "
+            "the server writes it anew when the history changes."
+        ) from None
+    with handle as reader:
+        metadata = reader.metadata() or {}
+        if metadata.get("format") != SHARED_FORMAT or metadata.get("token") != token:
+            raise DeltaError(f"{path} is not the shared history this call was given.")
+        params = json.loads(metadata["params"])
+        delta = FoldedDelta()
+        for index, (name, kind, shape, present) in enumerate(params):
+            parts = {part: reader.get_tensor(f"{index}.{part}") for part in present}
+            shape = tuple(shape)
+            if kind in ("rows", "mask") and ("flat" in parts or "rows" in parts):
+                region = FlatRegion(
+                    kind, shape, rows=parts.get("rows"), bits=parts.get("bits"),
+                    flat=parts.get("flat"),
+                )  # fmt: skip
+            else:
+                region = Region(kind, shape, rows=parts.get("rows"), bits=parts.get("bits"))
+            delta[name] = Patch(region, parts["values"])
+    delta._shared = (path, token)
+    return delta
+
+
 def fold(deltas: Sequence[Delta]) -> FoldedDelta:
     """One delta that writes exactly what applying `deltas` in order writes."""
     by_param: dict[str, list[Patch]] = {}
@@ -188,14 +316,26 @@ def fold(deltas: Sequence[Delta]) -> FoldedDelta:
     return FoldedDelta.pack(folded)
 
 
-class FoldCache:
-    """The folded delta of one version of a history, kept until the history changes. A chat on
-    the latest version ships one delta and folds nothing; a version one session further folds
-    only that session into the kept delta."""
+def sharing_default() -> bool:
+    """Share folded deltas through files where calls are pickled into forked workers: on
+    ZeroGPU (SPACES_ZERO_GPU), or when LORSU_SHARED_DIR names a folder for them."""
+    zero = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true", "yes")
+    return zero or bool(os.environ.get("LORSU_SHARED_DIR"))
 
-    def __init__(self):
-        self._deltas: list[Delta] = []  # the stack folded
-        self._folded: FoldedDelta | None = None
+
+class FoldCache:
+    """The folded deltas of the versions of one history lately used (the latest two), kept
+    until the history changes. A chat on a kept version ships one delta and folds nothing; a
+    version one session further folds only that session into the kept delta of its prefix.
+
+    `share` (default: `sharing_default()` at each fold) writes each folded version once as a
+    file that calls reference instead of carrying it (see `FoldedDelta.share`)."""
+
+    KEEP = 2
+
+    def __init__(self, share: bool | None = None):
+        self._kept: list[tuple[list[Delta], FoldedDelta]] = []  # most recently used first
+        self._share = share
         self._lock = threading.Lock()
 
     def get(self, deltas: Sequence[Delta]) -> list[Delta]:
@@ -204,17 +344,61 @@ class FoldCache:
         if not deltas:
             return []
         with self._lock:  # two calls of one tab at once fold once
-            return self._get(deltas)
+            return [self._get(deltas)]
 
-    def _get(self, deltas: list[Delta]) -> list[Delta]:
-        same = len(self._deltas) <= len(deltas) and all(
-            a is b for a, b in zip(self._deltas, deltas)
+    def _get(self, deltas: list[Delta]) -> FoldedDelta:
+        best, start = None, 0
+        for entry in self._kept:
+            stack, folded = entry
+            prefix = len(stack) <= len(deltas) and all(a is b for a, b in zip(stack, deltas))
+            if prefix and len(stack) == len(deltas):
+                self._kept.remove(entry)
+                self._kept.insert(0, entry)
+                return folded
+            if prefix and len(stack) > start:
+                best, start = folded, len(stack)
+        folded = fold([best, *deltas[start:]] if best is not None else deltas)
+        share = sharing_default() if self._share is None else self._share
+        if share:
+            folded = folded.share()
+        self._kept.insert(0, (deltas, folded))
+        del self._kept[self.KEEP :]  # a dropped version's file goes with its last reference
+        return folded
+
+    def for_call(self, history: History) -> History:
+        """`history` as a GPU call takes it: a `FoldedHistory` (its latest version folded,
+        shared where sharing is on, and no per-session deltas), or `history` itself when it
+        has no sessions."""
+        if not history.sessions:
+            return history
+        return FoldedHistory.of(history, self.get(history.deltas()))
+
+
+@dataclass
+class FoldedHistory(History):
+    """A history as a GPU call ships it: every record without its delta (accuracies, carried
+    state, readers and the rest as they are) and the whole stack as one folded delta, which
+    `deltas()` returns. Only the latest version is there: `deltas(upto)` of an earlier one is
+    refused. Sessions run on it exactly as on the full history (bit-identical weights)."""
+
+    folded: list[Delta] = field(default_factory=list)
+
+    @staticmethod
+    def of(history: History, folded: list[Delta]) -> FoldedHistory:
+        empty = Delta()
+        return FoldedHistory(
+            model=history.model,
+            base=history.base,
+            sessions=[replace(record, delta=empty) for record in history.sessions],
+            folded=list(folded),
         )
-        if same and len(self._deltas) == len(deltas):
-            return [self._folded]
-        if same and self._folded is not None:
-            self._folded = fold([self._folded, *deltas[len(self._deltas) :]])
-        else:
-            self._folded = fold(deltas)
-        self._deltas = deltas
-        return [self._folded]
+
+    def deltas(self, upto: int | None = None) -> list[Delta]:
+        upto = len(self.sessions) if upto is None else upto
+        self._check_index(upto)
+        if upto != len(self.sessions):
+            raise HistoryError(
+                f"This copy of the history carries only its latest version (session "
+                f"{len(self.sessions)}), not session {upto}."
+            )
+        return list(self.folded)

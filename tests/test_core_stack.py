@@ -1,13 +1,14 @@
 """A history folded into one delta (what a ZeroGPU call ships): bit-identical weights to the
 stack it folds, exact rollback, one-buffer pickling, and a cache that folds each session once."""
 
+import os
 import pickle
 
 import pytest
 import torch
 from conftest import colour_set
 
-from lorsu_demo.delta import Delta, Patch, Region, applied
+from lorsu_demo.delta import Delta, DeltaError, Patch, Region, applied
 from lorsu_demo.evaluate import EvalSet
 from lorsu_demo.events import Done
 from lorsu_demo.history import History
@@ -142,3 +143,124 @@ def test_the_fast_finite_check_finds_every_bad_value(dtype):
     # finite values whose sum overflows are still finite
     largest = torch.finfo(dtype).max
     assert all_finite(torch.full((8,), largest, dtype=dtype))
+
+
+def test_a_shared_fold_ships_a_path_and_a_forked_worker_maps_it(bundle, history, tmp_path, monkeypatch):  # fmt: skip
+    """Shared through a file, a folded history pickles as its path and token (no tensors); a
+    forked worker maps the file and writes the stack's weights; the weights restore exactly
+    there and here; the file goes with the server's last reference, not with the child."""
+    import gc
+    import multiprocessing
+
+    monkeypatch.setenv("LORSU_SHARED_DIR", str(tmp_path / "shared"))
+    state = bundle.vision_state()
+    base = weights(bundle)
+    with applied(state, history.deltas()):
+        stacked = weights(bundle)
+    folded = fold(history.deltas())
+    shared = folded.share()
+    path = shared.shared_path
+    assert os.path.dirname(path) == str(tmp_path / "shared") and os.path.exists(path)
+    assert (os.stat(tmp_path / "shared").st_mode & 0o777) == 0o700
+    payload = pickle.dumps([shared])
+    assert len(payload) < 1000 < folded.nbytes and path.encode() in payload
+    # the same tensors as the in-memory fold, so also a valid safetensors file
+    from safetensors.torch import load_file
+
+    assert len(load_file(path)) >= len(folded)
+    for name, patch in folded.items():
+        assert torch.equal(shared[name].values, patch.values), name
+    with applied(state, [shared]):
+        assert same(weights(bundle), stacked)
+    assert same(weights(bundle), base)
+
+    def worker(pipe):
+        (received,) = pickle.loads(payload)
+        with applied(state, [received]):
+            ok = same(weights(bundle), stacked)
+        pipe.send(ok and same(weights(bundle), base))
+        pipe.close()
+        del received
+        gc.collect()
+
+    context = multiprocessing.get_context("fork")
+    parent, child = context.Pipe()
+    process = context.Process(target=worker, args=(child,))
+    process.start()
+    assert parent.recv() is True
+    process.join(timeout=60)
+    assert process.exitcode == 0 and os.path.exists(path)  # the child deleted nothing
+    del shared
+    gc.collect()
+    assert not os.path.exists(path)  # the server's last reference went
+    with pytest.raises(DeltaError, match="cannot be read"):
+        pickle.loads(payload)
+
+
+def test_a_shared_file_that_is_not_the_one_meant_is_refused(history, tmp_path, monkeypatch):
+    from lorsu_demo.stack import open_shared
+
+    monkeypatch.setenv("LORSU_SHARED_DIR", str(tmp_path))
+    shared = fold(history.deltas(2)).share()
+    with pytest.raises(DeltaError, match="not the shared history"):
+        open_shared(shared.shared_path, "0" * 32)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(DeltaError, match="cannot be read"):
+        open_shared(str(damaged), "x")
+
+
+def test_a_sharing_cache_keeps_two_versions_and_folds_onto_the_longest_kept_prefix(history, tmp_path, monkeypatch):  # fmt: skip
+    monkeypatch.setenv("LORSU_SHARED_DIR", str(tmp_path))
+    cache = FoldCache(share=True)
+    one = cache.get(history.deltas(1))[0]
+    three = cache.get(history.deltas(3))[0]
+    assert one.shared_path and three.shared_path and one.shared_path != three.shared_path
+    assert cache.get(history.deltas(1))[0] is one  # both versions kept
+    assert cache.get(history.deltas(3))[0] is three
+    two = cache.get(history.deltas(2))[0]  # folded onto version 1; version 1 leaves the cache
+    full = fold(history.deltas(2))
+    assert two.keys() == full.keys()
+    assert all(torch.equal(two[n].values, full[n].values) for n in full)
+    assert cache.get(history.deltas(3))[0] is three
+    del one
+    import gc
+
+    gc.collect()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        os.path.basename(d.shared_path) for d in (two, three)
+    )
+
+
+def test_a_session_on_the_folded_history_a_call_ships_matches_the_full_history(bundle, history, tmp_path, monkeypatch):  # fmt: skip
+    """What a training call ships (`FoldCache.for_call`): the records without their deltas and
+    the stack as one shared delta. A session run on it leaves the same delta, accuracies and
+    weights as one run on the full history, and the pickle carries no session's tensors."""
+    from lorsu_demo.history import HistoryError
+    from lorsu_demo.stack import FoldedHistory
+
+    monkeypatch.setenv("LORSU_SHARED_DIR", str(tmp_path))
+    classes = ["red", "green", "blue"]
+    train = colour_set("train", 3, seed=3, classes=classes)
+    target = EvalSet("target", colour_set("test", 2, seed=2, classes=classes), classes)
+    cache = FoldCache(share=True)
+    shipped = cache.for_call(history)
+    assert isinstance(shipped, FoldedHistory) and len(shipped) == len(history)
+    payload = pickle.dumps(shipped)
+    assert len(payload) < 0.2 * sum(d.nbytes for d in history.deltas())
+    received = pickle.loads(payload)
+    with pytest.raises(HistoryError, match="only its latest version"):
+        received.deltas(1)
+    base = weights(bundle)
+    records = []
+    for source in (history, received):
+        events = run_session(
+            bundle, source, make_method("lorsu", **FAST), train, target=target, seed=7
+        )
+        records.append([e for e in events if isinstance(e, Done)][0].record)
+        assert same(weights(bundle), base)
+    full, folded = records
+    assert full.delta.keys() == folded.delta.keys()
+    assert all(torch.equal(full.delta[k].values, folded.delta[k].values) for k in full.delta)
+    assert full.accuracies == folded.accuracies and full.index == folded.index == 4
+    assert cache.for_call(History()) is not None and len(cache.for_call(History())) == 0
