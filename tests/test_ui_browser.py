@@ -58,6 +58,11 @@ def test_teach_train_watch_chat_roll_back(page):
     answers = tour.chat(page)
     assert answers["status"] == "Answered by session 1."
     assert answers["answer"] and answers["base"]
+    # Confidence bars: the data's three classes and three option letters, two bars each.
+    rows = page.locator("#lorsu-confidence .lorsu-conf-row")
+    assert rows.count() == 6
+    assert page.locator("#lorsu-confidence .lorsu-conf-bar[data-who=base]").count() == 6
+    assert {rows.nth(i).get_attribute("data-class") for i in range(3)} == {"red", "green", "blue"}
 
     message = tour.roll_back(page)
     assert message == "Rolled back to the base model: session 1 removed exactly."

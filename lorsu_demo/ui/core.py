@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import takeaway
+from ..confidence import ConfidenceError
 from ..data import (
     MAX_IMAGE_PIXELS,
     MIN_STORE_SIDE,
@@ -469,6 +470,40 @@ class AppCore:
             raise UserError(problem) from None
         finally:
             worker.close()
+
+    def confidence(
+        self, key: str | None, image, version: int | None = None, with_base: bool = True
+    ) -> dict:
+        """Per-class confidence of a version (and the base) for a chat image: over the
+        selected data's classes, else the model's own (its labels, or its control set's)."""
+        ws = self.workspace(key)
+        version = self.version(ws, version)
+        picture = self.chat_image(image)
+        templates = None
+        if ws.selected:
+            data = self.dataset(ws, None)
+            classes, templates = list(data.classes), data.domain.templates
+            source = f"the classes of {data.title}"
+        elif self.bundle.labels:
+            classes, source = list(self.bundle.labels), "the model's classes (no data picked)"
+        elif self.controls:
+            classes = list(self.controls[0].classes)
+            source = "the control set's classes (no data picked)"
+        else:
+            raise UserError("Pick example data or upload images to see per-class confidence.")
+        deltas = ws.folds.get(ws.history.deltas(version))
+        try:
+            readings = engine.confidence_worker(picture, classes, deltas, templates, with_base)
+        except ConfidenceError as err:  # e.g. a tokenizer without single-token letters
+            raise UserError(f"No confidence for this model: {err}") from None
+        except DeltaError as err:
+            raise UserError(f"This session cannot be applied: {err}") from None
+        except Exception as err:
+            problem = zerogpu.gpu_problem(err)
+            if problem is None:
+                raise
+            raise UserError(problem) from None
+        return {"readings": readings, "version": version, "source": source}
 
     def chat_image(self, image):
         """A chat image as the model will see it. The same checks as an upload, on the file

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..chat import answer, generate_answers, stream_answer
 from ..compare import second_reading
+from ..confidence import confidence
 from ..delta import applied
 from ..events import Done, Phase
 from ..history import History
@@ -281,6 +282,16 @@ def chat_worker(image, question: str, deltas, with_base: bool) -> Iterator[tuple
         yield "adapted", ""
     if with_base:
         yield "base", answer(bundle, image, question, (), max_new_tokens=CHAT_TOKENS)
+
+
+@gpu(duration=zerogpu.CHAT_S)
+def confidence_worker(image, classes, deltas, templates=None, with_base: bool = True) -> dict:
+    """Per-class confidence for one image (`confidence.confidence`), as plain dicts: a forward
+    pass per reader and version, no generation, so a chat's budget is plenty."""
+    readings = confidence(
+        current(), image, classes, deltas, templates=templates, with_base=with_base
+    )
+    return {name: reading.to_dict() for name, reading in readings.items()}
 
 
 def export_size_problem(bundle: Bundle) -> str | None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 import gradio as gr
 
 from ..vqa import DEFAULT_QUESTION, mc_prompt
-from . import figures, text
+from . import bars, figures, text
 from .common import GPU, PRIVATE, key_of, status_line
 from .core import AppCore, UserError
 from .engine import PROBE_QUESTION
@@ -33,6 +34,7 @@ class ChatTab:
     ask_btn: gr.Button
     adapted_out: gr.Textbox
     base_out: gr.Textbox
+    confidence: gr.HTML
 
 
 def build(core: AppCore) -> ChatTab:
@@ -79,6 +81,12 @@ def build(core: AppCore) -> ChatTab:
                 "question to the same version always gets the same answer.",
                 elem_classes="lorsu-small",
             )
+            gr.Markdown("**How sure is each model?**")
+            confidence = gr.HTML(
+                '<div class="lorsu-small">Ask about an image to see each class\'s '
+                "probability, for your version and the base model.</div>",
+                elem_id="lorsu-confidence",
+            )
     chat_examples = _chat_examples(core)
     if chat_examples:
         gr.Examples(
@@ -104,6 +112,7 @@ def build(core: AppCore) -> ChatTab:
         ask_btn=ask_btn,
         adapted_out=adapted_out,
         base_out=base_out,
+        confidence=confidence,
     )
 
 
@@ -116,25 +125,33 @@ def wire(tab: ChatTab, core: AppCore, status) -> None:
     ask_btn = tab.ask_btn
     adapted_out = tab.adapted_out
     base_out = tab.base_out
+    confidence = tab.confidence
 
     def on_ask(image, question_text, version_value, base_too, request: gr.Request):
         key = key_of(request)
         try:
             chosen = core.version(core.workspace(key), version_value)
             who = "the base model" if chosen == 0 else f"session {chosen}"
-            yield status_line(f"Asking {who}…", "busy"), "", ""
+            yield status_line(f"Asking {who}…", "busy"), "", "", ""
             answer, base = "", None
             for answer, base in core.chat(key, image, question_text, chosen, base_too):
-                yield gr.skip(), answer, base if base is not None else gr.skip()
+                yield gr.skip(), answer, base if base is not None else gr.skip(), gr.skip()
             if not base_too:
                 base = ""
-            yield status_line(f"Answered by {who}.", "done"), answer, base or ""
+            # Not "Answered by" yet: that status means everything is on screen.
+            yield status_line("Reading how sure each model is…", "busy"), answer, base or "", \
+                gr.skip()  # fmt: skip
+            try:
+                sure = bars.confidence_html(core.confidence(key, image, chosen, base_too))
+            except UserError as err:  # the answers stand; only the bars are missing
+                sure = f'<div class="lorsu-small">{escape(str(err))}</div>'
+            yield status_line(f"Answered by {who}.", "done"), gr.skip(), gr.skip(), sure
         except UserError as err:
-            yield status_line(str(err), "error"), gr.skip(), gr.skip()
+            yield status_line(str(err), "error"), gr.skip(), gr.skip(), gr.skip()
         except Exception as err:
             log.exception("chat failed")
             yield status_line(f"The model could not answer ({type(err).__name__}).", "error"), \
-                gr.skip(), gr.skip()  # fmt: skip
+                gr.skip(), gr.skip(), gr.skip()  # fmt: skip
 
     def on_chat_image(path):
         """Show the chosen image as the model will see it, or say why it cannot be used."""
@@ -153,7 +170,7 @@ def wire(tab: ChatTab, core: AppCore, status) -> None:
         trigger(
             on_ask,
             chat_inputs,
-            [status, adapted_out, base_out],
+            [status, adapted_out, base_out, confidence],
             show_progress="full",
             show_progress_on=[status],
             **GPU,
