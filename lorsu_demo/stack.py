@@ -353,17 +353,19 @@ class FoldCache:
             prefix = len(stack) <= len(deltas) and all(a is b for a, b in zip(stack, deltas))
             if prefix and len(stack) == len(deltas):
                 self._kept.remove(entry)
-                self._kept.insert(0, entry)
-                return folded
+                self._kept.insert(0, (stack, self._shared(folded)))
+                return self._kept[0][1]
             if prefix and len(stack) > start:
                 best, start = folded, len(stack)
-        folded = fold([best, *deltas[start:]] if best is not None else deltas)
-        share = sharing_default() if self._share is None else self._share
-        if share:
-            folded = folded.share()
+        folded = self._shared(fold([best, *deltas[start:]] if best is not None else deltas))
         self._kept.insert(0, (deltas, folded))
         del self._kept[self.KEEP :]  # a dropped version's file goes with its last reference
         return folded
+
+    def _shared(self, folded: FoldedDelta) -> FoldedDelta:
+        """`folded` shared through a file when sharing is on (once: a shared one is kept)."""
+        share = sharing_default() if self._share is None else self._share
+        return folded.share() if share else folded
 
     def for_call(self, history: History) -> History:
         """`history` as a GPU call takes it: a `FoldedHistory` (its latest version folded,

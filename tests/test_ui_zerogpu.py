@@ -27,6 +27,7 @@ class ForkingSpaces:
         self.context = multiprocessing.get_context("fork")
         self.barrier = self.context.Barrier(parties, timeout=60)
         self.durations: list[int] = []
+        self.payloads: list[tuple[str, bytes]] = []  # (function, pickled arguments)
         self.forking = threading.Lock()
 
     def GPU(self, duration=60, size=None):  # noqa: N802 - the real package's name
@@ -35,6 +36,7 @@ class ForkingSpaces:
                 seconds = duration(*args, **kwargs) if callable(duration) else duration
                 self.durations.append(seconds)
                 payload = pickle.dumps((args, kwargs))
+                self.payloads.append((fn.__name__, payload))
                 parent, child = self.context.Pipe()
                 process = self.context.Process(target=self._child, args=(fn, payload, child))
                 with self.forking:  # filelock refuses two threads forking at one instant
@@ -96,7 +98,7 @@ def same_delta(a, b) -> bool:
     )
 
 
-def test_two_users_at_once_in_forked_workers_get_their_own_results(core, monkeypatch):
+def test_two_users_at_once_in_forked_workers_get_their_own_results(core, monkeypatch, tmp_path):
     # Reference: each user's first and second steps, one after the other, in this process.
     for key, data in (("ref-a", "colours"), ("ref-b", "mixes")):
         train(core, key, data)
@@ -112,6 +114,8 @@ def test_two_users_at_once_in_forked_workers_get_their_own_results(core, monkeyp
         train(core, key, data)
     fake = ForkingSpaces(parties=2)
     monkeypatch.setattr(engine, "spaces", fake)
+    # Histories travel as shared files (as on ZeroGPU): each call pickles a path, not tensors.
+    monkeypatch.setenv("LORSU_SHARED_DIR", str(tmp_path / "shared"))
     for name, duration in (
         ("session_worker", engine._session_seconds),
         ("chat_worker", zerogpu.CHAT_S),
@@ -140,6 +144,21 @@ def test_two_users_at_once_in_forked_workers_get_their_own_results(core, monkeyp
     # Durations came from the planned steps: 12 images, batch 4, 2 epochs = 6 steps.
     assert fake.durations.count(zerogpu.session_seconds(6)) == 2
     assert fake.durations.count(zerogpu.CHAT_S) == 2
+    # Every call referenced its own user's latest version by path; no delta travelled.
+    files = {key: core.workspace(key).folds.get(core.workspace(key).history.deltas())[0]
+             for key in ("a", "b")}  # fmt: skip
+    paths = {key: folded.shared_path for key, folded in files.items()}
+    assert paths["a"] != paths["b"] and all(paths.values())
+    chats = [payload for name, payload in fake.payloads if name == "chat_worker"]
+    assert len(chats) == 2 and all(
+        (paths["a"].encode() in p) != (paths["b"].encode() in p) for p in chats
+    )
+    sessions = [payload for name, payload in fake.payloads if name == "session_worker"]
+    assert len(sessions) == 2
+    for payload in sessions:  # the first session's delta went as a file, not as tensors
+        (history, *_), _ = pickle.loads(payload)
+        assert len(history) == 1 and history.sessions[0].delta == {}
+        assert history.deltas()[0].shared_path
 
 
 def test_lane_width_follows_the_platform(monkeypatch):

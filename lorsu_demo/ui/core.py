@@ -335,7 +335,7 @@ class AppCore:
         first = ws.history.sessions[0].extra.get("reader") if ws.history.sessions else None
         live.reader = first or reader or engine.default_reader()
         worker = engine.session_worker(
-            ws.history,
+            ws.folds.for_call(ws.history),  # one folded delta, not every session's
             method,
             settings,
             train,
