@@ -54,3 +54,23 @@ def test_a_seeded_toy_session_is_reproduced_bit_for_bit(tmp_path, capsys):
     assert a["delta"].keys() == b["delta"].keys()
     assert all(torch.equal(a["delta"][k].values, b["delta"][k].values) for k in a["delta"])
     assert any(bool(p.values.abs().sum()) for p in a["delta"].values())
+
+
+def test_the_colour_constants_made_once_give_the_same_pixels():
+    """The hue rotation and grey weights are made once, not per image: the same values."""
+    from lorsu_demo.data import _grey, _rotate_hue
+
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    for turns in (-0.08, 0.0, 0.05):
+        angle = 2 * torch.pi * turns
+        cos, sin = (
+            float(torch.tensor(angle, dtype=torch.float64).cos()),
+            float(torch.tensor(angle, dtype=torch.float64).sin()),
+        )
+        rotate = torch.tensor([[1.0, 0, 0], [0, cos, -sin], [0, sin, cos]])
+        matrix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq
+        expected = torch.einsum("ij,jhw->ihw", matrix, image)
+        assert torch.equal(_rotate_hue(image, turns), expected), turns
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    assert torch.equal(_grey(image), (image * weights).sum(0, keepdim=True))
