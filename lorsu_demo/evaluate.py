@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,6 +85,42 @@ def accuracy(bundle, eval_set: EvalSet, reader: str = "clip") -> float:
         raise ValueError(
             f"unknown accuracy reader {reader!r}: use one of {sorted(READERS)}"
         ) from None
+
+
+BASE_CACHE_SIZE = 256
+
+
+def set_fingerprint(bundle, eval_set: EvalSet, reader: str) -> str:
+    """What a set's accuracy depends on besides the weights: its pixels, labels, classes,
+    caption templates, and the reader."""
+    digest = hashlib.sha256()
+    pixels = eval_set.pixels(bundle).detach().cpu().contiguous()
+    digest.update(pixels.numpy().tobytes())
+    digest.update(eval_set.targets.numpy().tobytes())
+    templates = eval_set.templates or bundle.caption_templates
+    digest.update(json.dumps([reader, list(eval_set.classes), list(templates)]).encode())
+    return digest.hexdigest()
+
+
+def base_accuracy(bundle, eval_set: EvalSet, reader: str = "clip") -> float:
+    """`accuracy` of the untouched model, measured once per process for a set's content and
+    reader: the base model never changes, and every user's first session on an example domain
+    measures the same sets (30 students, 30 identical base passes). Call it only with no delta
+    applied and no adapter installed (a session's base phase, under the bundle's lock)."""
+    # The encoder's weights summed per tensor guard the "untouched" promise: a model whose
+    # weights were changed in place (a test, a caller that forgot to restore) misses the cache.
+    with torch.no_grad():
+        weights = [
+            float(v.detach().sum(dtype=torch.float64)) for v in bundle.vision_state().values()
+        ]
+    key = (set_fingerprint(bundle, eval_set, reader), tuple(weights))
+    cached = bundle.base_cache.get(key)
+    if cached is None:
+        cached = accuracy(bundle, eval_set, reader)
+        if len(bundle.base_cache) >= BASE_CACHE_SIZE:  # drop the oldest
+            bundle.base_cache.pop(next(iter(bundle.base_cache)))
+        bundle.base_cache[key] = cached
+    return cached
 
 
 def ti_cc(accuracies: dict, base: dict, target: str, controls: list[str]) -> tuple[float, float]:

@@ -95,6 +95,8 @@ class Bundle:
     labels: list[str] = field(default_factory=list)
     # text_features' results by list of texts (see there)
     text_cache: dict = field(default_factory=dict, repr=False)
+    # Accuracies of the untouched model per test set and reader (evaluate.base_accuracy).
+    base_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def vision(self) -> nn.Module:

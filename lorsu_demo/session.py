@@ -17,7 +17,7 @@ import torch
 
 from .data import Augment, LabelledImages, normalise, to_unit_pixels, validate
 from .delta import Delta, DeltaError, apply_stack, restore, snapshot
-from .evaluate import EvalSet, accuracy, other_sets_change, ti_cc
+from .evaluate import EvalSet, accuracy, base_accuracy, other_sets_change, ti_cc
 from .events import Done, Metrics, Phase, Scores, Step, Stopped
 from .history import History, HistoryError, SessionRecord
 from .losses import clip_loss, logit_norm_surrogate
@@ -231,7 +231,7 @@ def run_session(
         new_base = {}
         if missing:
             yield Phase("base", "Measuring the untouched model on the new test sets")
-            new_base = {s.name: accuracy(bundle, s, reader) for s in missing}
+            new_base = {s.name: base_accuracy(bundle, s, reader) for s in missing}
         base = {**history.base, **new_base}
         seconds["base"] = time.perf_counter() - clock
 

@@ -74,3 +74,40 @@ def test_the_colour_constants_made_once_give_the_same_pixels():
         assert torch.equal(_rotate_hue(image, turns), expected), turns
     weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
     assert torch.equal(_grey(image), (image * weights).sum(0, keepdim=True))
+
+
+def test_the_untouched_models_accuracy_is_measured_once_per_set(bundle, monkeypatch):
+    """Every user's first session measures the same base accuracies: once per set's content and
+    reader. Another set, another reader's key, or changed weights measure again."""
+    from conftest import colour_set
+
+    from lorsu_demo import evaluate
+    from lorsu_demo.evaluate import EvalSet, base_accuracy
+
+    calls = []
+    real = evaluate.accuracy
+
+    def counting(bundle, eval_set, reader="clip"):
+        calls.append(eval_set.name)
+        return real(bundle, eval_set, reader)
+
+    monkeypatch.setattr(evaluate, "accuracy", counting)
+    bundle.base_cache.clear()
+    classes = ["red", "green", "blue"]
+    one = EvalSet("t", colour_set("test", 2, seed=2, classes=classes), classes)
+    same = EvalSet("t", colour_set("test", 2, seed=2, classes=classes), classes)  # a copy
+    other = EvalSet("t", colour_set("test", 2, seed=5, classes=classes), classes)
+    first = base_accuracy(bundle, one)
+    assert base_accuracy(bundle, same) == first and calls == ["t"]
+    base_accuracy(bundle, other)
+    assert len(calls) == 2  # same name, other images: measured
+    weight = bundle.vision_state()["projection.weight"]
+    saved = weight.detach().clone()
+    try:
+        weight.data.mul_(-1.0)
+        flipped = base_accuracy(bundle, one)
+        assert len(calls) == 3  # changed weights miss the cache
+        assert flipped == real(bundle, one)
+    finally:
+        weight.data.copy_(saved)
+    assert base_accuracy(bundle, one) == first and len(calls) == 3
