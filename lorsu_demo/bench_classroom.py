@@ -40,8 +40,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_app(port: int, state: Path, model: str | None, domains: str | None, control=None):
-    """`python app.py` on 127.0.0.1:port, its state and temp files under `state`."""
+def start_app(
+    port: int, state: Path, model: str | None, domains: str | None, control=None, lanes=None
+):
+    """`python app.py` on 127.0.0.1:port, its state and temp files under `state`; `lanes`:
+    its LORSU_CPU_LANES (default: the app's own)."""
     env = dict(
         os.environ,
         GRADIO_ANALYTICS_ENABLED="False",
@@ -49,6 +52,8 @@ def start_app(port: int, state: Path, model: str | None, domains: str | None, co
         LORSU_STATE_DIR=str(state / "state"),
         TMPDIR=str(state / "tmp"),
     )
+    if lanes:
+        env["LORSU_CPU_LANES"] = str(lanes)
     (state / "tmp").mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port)]
     if model:
@@ -126,11 +131,12 @@ def classroom(
     domains: str | None = None,
     control: list[str] | None = None,
     timeout: float = 1800,
+    lanes: int | None = None,
 ) -> dict:
     """Run the classroom once; returns the figures (seconds from the common start)."""
     state = Path(tempfile.mkdtemp(prefix="lorsu-classroom-"))
     port = free_port()
-    process = start_app(port, state, model, domains, control)
+    process = start_app(port, state, model, domains, control, lanes)
     try:
         served = wait_until_served(process, port)
         url = f"http://127.0.0.1:{port}/"
@@ -172,6 +178,7 @@ def classroom(
             "served_after_s": round(served, 1),
             "session": {k: v for k, v in request.items() if k != "seed"},
             "model": model or "toy",
+            "lanes": lanes or int(os.environ.get("LORSU_CPU_LANES", "1") or 1),
             "cpus": os.cpu_count(),
             "load_average": [round(x, 2) for x in load],
             "ti": sorted({r.get("ti") for r in results if r.get("ok")}),
@@ -199,7 +206,8 @@ def doc_block(result: dict, command: str, when: str) -> str:
             f"Measured {when} on this machine ({result['cpus']} CPU cores; load average "
             f"{result['load_average'][0]} at the end): {result['clients']} clients, each one "
             f"default session ({result['session']['method']}, {result['session']['shots']} "
-            f"shots of {result['session']['data']}) through `/train` at once. "
+            f"shots of {result['session']['data']}) through `/train` at once, "
+            f"{result.get('lanes', 1)} lane(s) (LORSU_CPU_LANES). "
             f"**Last client done after {result['last_s']} s**, median {result['median_s']} s, "
             f"first {result['first_s']} s (from the common start); {result['finished']} "
             f"finished, {result['failed']} failed. The app served after "
@@ -236,6 +244,9 @@ def add_classroom_command(kinds) -> None:
     sub.add_argument("--model", default=None, help="the app's --model (default: its own)")
     sub.add_argument("--domains", default=None, help="the app's --domains")
     sub.add_argument("--control", action="append", help="the app's --control (repeatable)")
+    sub.add_argument(
+        "--lanes", type=int, default=None, help="the app's LORSU_CPU_LANES (default: its own)"
+    )
     sub.add_argument("--doc", default=str(DOC), help="where to write the figures")
     sub.add_argument("--no-doc", action="store_true", help="print only")
     sub.add_argument("--json", action="store_true", help="one line of JSON")
@@ -253,11 +264,12 @@ def cmd_classroom(args) -> int:
         model=args.model,
         domains=args.domains,
         control=args.control,
+        lanes=args.lanes,
     )
     print(json.dumps(result, indent=None if args.json else 2))
     if not args.no_doc:
         command = f"python -m lorsu_demo bench classroom --clients {args.clients}"
-        for flag in ("data", "method", "shots", "epochs", "settings", "model", "domains"):
+        for flag in ("data", "method", "shots", "epochs", "settings", "model", "domains", "lanes"):
             value = getattr(args, flag)
             if value is not None and value != DEFAULTS.get(flag):
                 command += f" --{flag} {value!r}" if flag == "settings" else f" --{flag} {value}"

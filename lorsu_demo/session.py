@@ -9,6 +9,7 @@ between events stops a session without leaving anything of it behind.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -186,6 +187,19 @@ def evaluation_steps(total: int, points: int) -> set[int]:
     return {max(1, round(total * (i + 1) / points)) for i in range(points)} if points else set()
 
 
+# The app may run sessions at once in threads, each on its own copy of a small CPU model
+# (`ui.engine.use_model`). torch's global random generator is one per process, so the part of
+# a session that draws from it (seeding, scoring, installing: LoRA initialisation) takes this
+# lock, and so does a training loop with active dropout: a seed then reproduces a session
+# however many run beside it.
+GLOBAL_RNG = threading.Lock()
+
+
+def _draws_per_step(module) -> bool:
+    """Whether a training step draws from the global generator (dropout that is on)."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
+
+
 def run_session(
     bundle,
     history: History,
@@ -224,6 +238,7 @@ def run_session(
     state = bundle.vision_state()
     record = None
     undo, session_undo, merged, trainable = [], [], False, []
+    seeded = False
     bundle.lock.acquire()
     try:
         clock = time.perf_counter()
@@ -237,6 +252,8 @@ def run_session(
 
         clock = time.perf_counter()
         undo = apply_stack(state, history.deltas())
+        GLOBAL_RNG.acquire()
+        seeded = True
         torch.manual_seed(seed)
         ctx = SessionContext(
             bundle,
@@ -261,6 +278,9 @@ def run_session(
         footprint = method.footprint(ctx)
         session_undo = snapshot(state, footprint)
         trainable = method.install(ctx)
+        if not _draws_per_step(bundle.clip):
+            seeded = False
+            GLOBAL_RNG.release()
         seconds["scoring"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -319,6 +339,9 @@ def run_session(
                 live.append({"step": step, **now})
                 yield Metrics(step, now, now[target.name], _control(now, controls), ti, cc)
         bundle.clip.eval()
+        if seeded:
+            seeded = False
+            GLOBAL_RNG.release()
         seconds["training"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -393,6 +416,8 @@ def run_session(
             param.requires_grad_(False)
             param.grad = None
         bundle.clip.eval()
+        if seeded:
+            GLOBAL_RNG.release()
         bundle.lock.release()
     yield Done(f"Done: session {index} saved", record)
 

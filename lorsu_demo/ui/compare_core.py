@@ -90,23 +90,24 @@ def method_worker(
 ) -> Iterator:
     """One method's session of a comparison on the process's model (`compare_one`): its
     events, then a MethodResult carrying the record (nothing is appended anywhere)."""
-    events = compare_one(
-        engine.current(),
-        history,
-        make_method(method, **settings),
-        train,
-        target=target,
-        controls=list(controls),
-        extra_sets=list(extra_sets),
-        seed=seed,
-        shots=shots,
-        reader=reader,
-        also=also,
-    )
-    try:
-        yield from events
-    finally:
-        events.close()
+    with engine.borrow() as bundle:  # this call's copy of the model
+        events = compare_one(
+            bundle,
+            history,
+            make_method(method, **settings),
+            train,
+            target=target,
+            controls=list(controls),
+            extra_sets=list(extra_sets),
+            seed=seed,
+            shots=shots,
+            reader=reader,
+            also=also,
+        )
+        try:
+            yield from events
+        finally:
+            events.close()
 
 
 def method_settings_for_app(

@@ -10,13 +10,17 @@ is a no-op and `spaces` need not be installed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +35,7 @@ from ..model import (
     ASSETS_DIR,
     BUNDLE_FILE,
     OFFLINE_PRESET,
+    SMALL_ENCODER,
     Bundle,
     BundleError,
     load_bundle,
@@ -74,10 +79,50 @@ _MODEL: dict[str, object] = {}
 
 
 def use_model(bundle: Bundle, notice: str | None = None) -> Bundle:
-    """Make `bundle` the process's model (the app calls this once)."""
+    """Make `bundle` the process's model (the app calls this once). A small model on the CPU
+    gets one copy per lane (`zerogpu.lane_width`, LORSU_CPU_LANES), so that sessions of
+    several users run on several cores at once, each on its own copy; otherwise every worker
+    borrows the one model in turn."""
     _MODEL["bundle"] = bundle
     _MODEL["notice"] = notice
+    pool: queue.LifoQueue = queue.LifoQueue()
+    pool.put(bundle)
+    for _ in range(pool_size(bundle) - 1):
+        pool.put(copy_bundle(bundle))
+    _MODEL["pool"] = pool
     return bundle
+
+
+def pool_size(bundle: Bundle) -> int:
+    """Copies of the model the workers share: the lane width for a small CPU model (a few MB
+    each), one for anything on a GPU or large (ZeroGPU's workers are separate processes)."""
+    if zerogpu.on_zerogpu() or bundle.device.type != "cpu":
+        return 1
+    if sum(p.numel() for p in bundle.vision.parameters()) >= SMALL_ENCODER:
+        return 1
+    return zerogpu.lane_width()
+
+
+def copy_bundle(bundle: Bundle) -> Bundle:
+    """An independent copy (weights, tokenizers, caches) with its own lock; the CLIP's vision
+    tower stays the VLM's (deepcopy keeps shared modules shared)."""
+    copied = copy.deepcopy(bundle, {id(bundle.lock): threading.Lock()})
+    assert copied.clip.vision_model is copied.vlm.model.vision_tower
+    return copied
+
+
+@contextmanager
+def borrow() -> Iterator[Bundle]:
+    """A model copy for one worker call, given back when the call ends (or is closed)."""
+    pool = _MODEL.get("pool")
+    if pool is None:
+        yield current()
+        return
+    bundle = pool.get()
+    try:
+        yield bundle
+    finally:
+        pool.put(bundle)
 
 
 def current() -> Bundle:
@@ -238,59 +283,60 @@ def session_worker(
     Step, Metrics), ProbeAnswers("after"), then Done(record) or Stopped. `history` is only read;
     the caller appends `Done.record`. Closing this generator leaves the model as it was.
     `also`: a second accuracy reader; its TI and CC go into the record beside the first's."""
-    bundle = current()
-    probes = list(probes)
-    deltas = history.deltas()
-    if probes:
-        base = probe_answers(bundle, probes, [])
-        now = probe_answers(bundle, probes, deltas) if deltas else base
-        yield ProbeAnswers("before", {"base": base, "before": now})
-    events = run_session(
-        bundle,
-        history,
-        make_method(method, **settings),
-        train,
-        target=target,
-        controls=list(controls),
-        extra_sets=list(extra_sets),
-        trained_sets=[target.name],
-        seed=seed,
-        shots=shots,
-        reader=reader or default_reader(),
-    )
-    try:
-        for event in events:
-            if isinstance(event, Done) and also and also != event.record.extra.get("reader"):
-                yield Phase("reading", f"Reading TI and CC with the {READER_NAMES[also]} too")
-                second_reading(bundle, history, event.record, target, list(controls), also)
-            if isinstance(event, Done) and probes:
-                after = probe_answers(bundle, probes, [*deltas, event.record.delta])
-                yield ProbeAnswers("after", {"after": after})
-            yield event
-    finally:
-        events.close()
+    with borrow() as bundle:  # this call's copy of the model
+        probes = list(probes)
+        deltas = history.deltas()
+        if probes:
+            base = probe_answers(bundle, probes, [])
+            now = probe_answers(bundle, probes, deltas) if deltas else base
+            yield ProbeAnswers("before", {"base": base, "before": now})
+        events = run_session(
+            bundle,
+            history,
+            make_method(method, **settings),
+            train,
+            target=target,
+            controls=list(controls),
+            extra_sets=list(extra_sets),
+            trained_sets=[target.name],
+            seed=seed,
+            shots=shots,
+            reader=reader or default_reader(),
+        )
+        try:
+            for event in events:
+                if isinstance(event, Done) and also and also != event.record.extra.get("reader"):
+                    yield Phase("reading", f"Reading TI and CC with the {READER_NAMES[also]} too")
+                    second_reading(bundle, history, event.record, target, list(controls), also)
+                if isinstance(event, Done) and probes:
+                    after = probe_answers(bundle, probes, [*deltas, event.record.delta])
+                    yield ProbeAnswers("after", {"after": after})
+                yield event
+        finally:
+            events.close()
 
 
 @gpu(duration=zerogpu.CHAT_S)
 def chat_worker(image, question: str, deltas, with_base: bool) -> Iterator[tuple[str, str]]:
     """Yield (which, text): the adapted model's answer as it grows, then the base model's."""
-    bundle = current()
-    text = ""
-    for text in stream_answer(bundle, image, question, deltas, max_new_tokens=CHAT_TOKENS):
-        yield "adapted", text
-    if not text:
-        yield "adapted", ""
-    if with_base:
-        yield "base", answer(bundle, image, question, (), max_new_tokens=CHAT_TOKENS)
+    with borrow() as bundle:  # this call's copy of the model
+        text = ""
+        for text in stream_answer(bundle, image, question, deltas, max_new_tokens=CHAT_TOKENS):
+            yield "adapted", text
+        if not text:
+            yield "adapted", ""
+        if with_base:
+            yield "base", answer(bundle, image, question, (), max_new_tokens=CHAT_TOKENS)
 
 
 @gpu(duration=zerogpu.CHAT_S)
 def confidence_worker(image, classes, deltas, templates=None, with_base: bool = True) -> dict:
     """Per-class confidence for one image (`confidence.confidence`), as plain dicts: a forward
     pass per reader and version, no generation, so a chat's budget is plenty."""
-    readings = confidence(
-        current(), image, classes, deltas, templates=templates, with_base=with_base
-    )
+    with borrow() as bundle:
+        readings = confidence(
+            bundle, image, classes, deltas, templates=templates, with_base=with_base
+        )
     return {name: reading.to_dict() for name, reading in readings.items()}
 
 

@@ -42,16 +42,21 @@ def slice_size() -> str:
 
 
 def lane_width() -> int:
-    """How many GPU calls the app runs at once. On ZeroGPU each call gets its own forked
+    """How many GPU-lane calls the app runs at once. On ZeroGPU each call gets its own forked
     worker and GPU slice and applies only its own user's deltas, so calls can run side by
-    side (LORSU_GPU_LANES, default 4); on a dedicated GPU or a CPU one model is shared and
-    calls take turns (1)."""
-    if not on_zerogpu():
-        return 1
+    side (LORSU_GPU_LANES, default 4). Elsewhere LORSU_CPU_LANES (default 1): a small model
+    on the CPU gets one copy per lane (`engine.use_model`), so a class's sessions can use
+    several cores; a model on a GPU stays one shared copy and calls take turns on it."""
+    if on_zerogpu():
+        return _int_env("LORSU_GPU_LANES", 4)
+    return _int_env("LORSU_CPU_LANES", 1)
+
+
+def _int_env(name: str, default: int) -> int:
     try:
-        return max(1, int(os.environ.get("LORSU_GPU_LANES", "4")))
+        return max(1, int(os.environ.get(name, str(default))))
     except ValueError:
-        return 4
+        return default
 
 
 def session_seconds(steps: int) -> int:
