@@ -58,14 +58,24 @@ def write_world(root: Path) -> tuple[Path, Path]:
     return domains, root / "control"
 
 
-def make_core(root: Path, work: Path | None = None):
+def make_core(root: Path, work: Path | None = None, state: Path | None = None, **kwargs):
+    """An app core on tiny-random; browsers' workspaces are kept under `state` (default
+    root/state), never in the user's own state folder."""
     from lorsu_demo.model import load_bundle
     from lorsu_demo.ui.core import AppCore
 
     torch.set_num_threads(1)
     domains, control = write_world(root)
     bundle = load_bundle("tiny-random")
-    return AppCore(bundle, None, domains, [str(control)], work_dir=work or root / "work")
+    return AppCore(
+        bundle,
+        None,
+        domains,
+        [str(control)],
+        work_dir=work or root / "work",
+        state_dir=state or root / "state",
+        **kwargs,
+    )
 
 
 FAST = {"batch_size": 4}

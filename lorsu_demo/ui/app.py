@@ -4,8 +4,9 @@ This module wires the page together: `build_app(core)` lays out the tabs (one mo
 `tab_teach`, `tab_chat`, `tab_sessions`, `compare`) and the public API (`api`), all driven by
 `AppCore` (see `core.py`); `main` is `python app.py` and `python -m lorsu_demo app`. All model
 work shares one queue lane (`concurrency_id="gpu"`: one at a time, several on ZeroGPU);
-per-browser state lives in `core.store`, keyed by `request.session_hash` and dropped in
-`demo.unload`.
+per-browser state lives in `core.store`: each page attaches on load to its browser's workspace
+through a key kept in the browser (`gr.BrowserState`), so a reload or a server restart finds the
+sessions, uploads and chat version again (see `workspace.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 import gradio as gr
 
@@ -26,6 +28,7 @@ from .core import AppCore
 from .style import CSS
 
 log = logging.getLogger("lorsu_demo.ui")
+RELOAD_WAIT = 20.0  # seconds a reloaded page waits for the session it cut short to stop
 
 
 def build_app(core: AppCore) -> gr.Blocks:
@@ -41,6 +44,11 @@ def build_app(core: AppCore) -> gr.Blocks:
             engine.describe_model(bundle)
             + " You share this model with everyone on this page; your sessions are yours alone.",
             elem_classes="lorsu-small",
+        )
+        # The browser keeps only this key (encrypted in localStorage); the workspace it names
+        # stays on the server. Key and secret are fixed, so a restart can still read it.
+        browser_key = gr.BrowserState(
+            None, storage_key="lorsu-workspace", secret=core.browser_secret()
         )
         status = gr.HTML(
             status_line("Ready: pick example data or upload images (step 1), then press Train."),
@@ -65,10 +73,47 @@ def build_app(core: AppCore) -> gr.Blocks:
         tab_chat.wire(chat, core, status)
         tab_sessions.wire(sessions, core, views, status, session_outputs)
 
-        def on_load(request: gr.Request):
-            return views.sessions(key_of(request))
+        restored = tab_teach.restore_outputs(teach)
 
-        demo.load(on_load, None, session_outputs, **PRIVATE, **LIGHT)
+        def on_load(stored_key, request: gr.Request):
+            page = key_of(request)
+            key, ws = core.attach(page, stored_key)
+            waited = time.monotonic()
+            while ws.busy and ws.runner != page and time.monotonic() - waited < RELOAD_WAIT:
+                # A reload mid-session: the old page's session stops at its next step.
+                yield key, status_line("Stopping the session the reload cut short…", "busy"), \
+                    *[gr.skip()] * (len(session_outputs) + len(restored))  # fmt: skip
+                time.sleep(0.25)
+            note = core.take_interrupted(page)
+            outputs = list(views.sessions(page))
+            if ws.chat_version is not None and ws.chat_version <= len(ws.history):
+                outputs[3] = {**outputs[3], "value": ws.chat_version}  # the chat's picker
+            if note:
+                message = status_line(note["message"], "stopped")
+            elif ws.busy:
+                message = status_line("A session is running in another tab of this browser.")
+            elif len(ws.history) or ws.uploads:
+                n = len(ws.history)
+                message = status_line(
+                    f"Welcome back: your {n} session{'s' if n != 1 else ''} and your data are "
+                    "as you left them."
+                )
+            else:
+                message = gr.skip()
+            yield key, message, *outputs, *tab_teach.restore(core, views, teach, ws, note)
+
+        demo.load(
+            on_load,
+            [browser_key],
+            [browser_key, status, *session_outputs, *restored],
+            **PRIVATE,
+            **LIGHT,
+        )
+
+        def on_version(value, request: gr.Request):
+            core.set_chat_version(key_of(request), value)
+
+        chat.version.change(on_version, [chat.version], None, queue=False, **PRIVATE)
 
         def on_unload(request: gr.Request):
             core.close(key_of(request))

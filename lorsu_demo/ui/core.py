@@ -36,9 +36,20 @@ from ..history import History, HistoryError
 from ..methods import METHODS, MethodError
 from ..model import ASSETS_DIR, Bundle
 from ..runs import check_labels, control_sets, one_session, run_seed
-from . import engine, uploads, zerogpu
+from . import drawing, engine, uploads, zerogpu
 from .engine import ProbeAnswers
-from .workspace import Dataset, Examples, Store, Workspace
+from .workspace import (
+    Dataset,
+    DiskStore,
+    Examples,
+    Store,
+    Workspace,
+    browser_secret,
+    default_state_dir,
+    idle_seconds,
+    new_browser_key,
+    valid_browser_key,
+)
 
 log = logging.getLogger("lorsu_demo.ui")
 
@@ -146,6 +157,8 @@ class AppCore:
         domains_dir: str | Path | None = None,
         control_dirs: list[str] | None = None,
         work_dir: str | Path | None = None,
+        state_dir: str | Path | None = None,
+        idle_hours: float | None = None,
     ):
         self.bundle = engine.use_model(bundle, notice)
         self.notice = notice
@@ -154,7 +167,14 @@ class AppCore:
             control_dirs = [str(ASSETS_DIR / "control")]  # LLaVA presets have none of their own
         self.controls = control_sets(bundle, control_dirs)
         self.control_dirs = list(control_dirs or [])  # for the "Copy as CLI" command
-        self.store = Store(bundle.source)
+        # Browsers' workspaces are kept here across restarts (see workspace.DiskStore).
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.idle = idle_seconds() if idle_hours is None else float(idle_hours) * 3600
+        self.store = Store(
+            bundle.source,
+            DiskStore(self.state_dir / "workspaces"),
+            check=lambda history: self._check_fits(history, "The saved history"),
+        )
         base = Path(work_dir) if work_dir else Path(tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)
         self.work_dir = Path(tempfile.mkdtemp(prefix="lorsu-app-", dir=base))
@@ -162,8 +182,37 @@ class AppCore:
     # ---- workspaces ------------------------------------------------------------------------
     def workspace(self, key: str | None) -> Workspace:
         if key not in self.store:
-            self.store.sweep()
+            self.store.sweep(self.idle)
         return self.store.get(key)
+
+    def browser_secret(self) -> str:
+        return browser_secret(self.state_dir)
+
+    def attach(self, page: str | None, browser_key) -> tuple[str, Workspace]:
+        """A page loaded with the browser key it keeps (or none yet, or one that is not ours:
+        then a new one). Returns the key for the browser to keep and its workspace."""
+        key = valid_browser_key(browser_key) or new_browser_key()
+        if key not in self.store:
+            self.store.sweep(self.idle)
+        return key, self.store.attach(page, key)
+
+    def remember(self, ws: Workspace, history: bool = True) -> None:
+        """Keep a browser's workspace on disk after a change (nothing for API clients)."""
+        self.store.save(ws, history)
+
+    def set_chat_version(self, key: str | None, version) -> None:
+        ws = self.workspace(key)
+        if isinstance(version, (int, float)) and version >= 0 and version != ws.chat_version:
+            ws.chat_version = int(version)
+            self.remember(ws, history=False)
+
+    def take_interrupted(self, key: str | None) -> dict | None:
+        """The session a reload cut short, once (the page that shows it clears it)."""
+        ws = self.workspace(key)
+        note, ws.interrupted = ws.interrupted, None
+        if note is not None:
+            self.remember(ws, history=False)
+        return note
 
     def close(self, key: str | None) -> None:
         """A browser tab closed: forget its workspace (a running session is stopped first)."""
@@ -205,6 +254,7 @@ class AppCore:
         except DataError as err:  # a damaged example folder
             raise UserError(str(err)) from None
         ws.selected = data.name
+        self.remember(ws)
         return data
 
     def upload(
@@ -245,7 +295,24 @@ class AppCore:
         data = Dataset.of(domain, title)
         ws.uploads[name] = data
         ws.selected = name
+        self.remember(ws)
         return data
+
+    def add_own_example(self, key: str | None, value, kind: str = "drawing") -> str:
+        """A pad drawing or webcam photo for a class card: checked (not blank), padded square
+        and scaled to the model's input size, written as a PNG in this browser's folder. The
+        card then holds it like an uploaded file ("Use these images" checks it again)."""
+        try:
+            if kind == "drawing":
+                picture = drawing.drawing_image(value)
+            elif kind == "photo":
+                picture = drawing.photo_image(value)
+            else:
+                raise UserError(f"Unknown kind of example {kind!r}: a drawing or a photo.")
+        except DataError as err:
+            raise UserError(str(err)) from None
+        side = int(self.bundle.image_size)
+        return str(drawing.save_example(picture, self._folder(key) / "own", side, kind))
 
     def store_side(self) -> int:
         """The shorter side images are kept at: the model's input size (its processor resizes
@@ -330,8 +397,19 @@ class AppCore:
         )
         if zerogpu.on_zerogpu():  # what the visitor's daily GPU quota pays for it
             live.status += " " + zerogpu.quota_note(steps)
-        ws.busy = True
+        ws.busy, ws.runner = True, key
         started = time.perf_counter()
+        inputs = {
+            "index": index,
+            "data": data.name,
+            "method": method,
+            "shots": shots,
+            "epochs": epochs,
+            "settings": {k: v for k, v in settings.items() if _plain(v)},
+            "reader": reader,
+            "seed": None if seed == index else seed,
+            "also": also,
+        }
         first = ws.history.sessions[0].extra.get("reader") if ws.history.sessions else None
         live.reader = first or reader or engine.default_reader()
         worker = engine.session_worker(
@@ -353,6 +431,8 @@ class AppCore:
             for event in worker:
                 if ws.stop.is_set():
                     worker.close()
+                    if ws.closed:  # its page closed or reloaded: say so when it comes back
+                        self._interrupted(ws, inputs)
                     yield self._stopped(live, "Stopped: nothing changed.")
                     return
                 live.on(event)
@@ -362,6 +442,7 @@ class AppCore:
                     event.record.extra["user_seed"] = seed
                     event.record.extra["command"] = self.command(data, event.record, seed)
                     ws.history.append(event.record)
+                    self.remember(ws)
                     live.finished, live.saved, live.tone = True, event.record.index, "done"
                     live.phase = "done"
                     seconds = time.perf_counter() - started
@@ -379,6 +460,10 @@ class AppCore:
                 yield event, live
             if live.saved:  # after the Done was shown: fold the new version for its chats
                 ws.folds.get(ws.history.deltas())
+        except GeneratorExit:  # the page went away (a reload): Gradio dropped the event
+            if not live.saved:
+                self._interrupted(ws, inputs)
+            raise
         except USER_ERRORS as err:
             yield self._failed(live, f"{err} Nothing was saved.")
         except Exception as err:  # never a traceback on screen; the log has it
@@ -392,9 +477,18 @@ class AppCore:
             )
         finally:
             worker.close()
-            ws.busy = False
+            ws.busy, ws.runner = False, None
             if ws.closed:
                 self.close(ws.key)
+
+    def _interrupted(self, ws: Workspace, inputs: dict) -> None:
+        index = inputs["index"]
+        ws.interrupted = {
+            **inputs,
+            "message": f"Session {index} was interrupted by a reload; nothing was saved. "
+            "Its settings are back in step 2: press Train to run it again.",
+        }
+        self.remember(ws)
 
     def command(self, data: Dataset, record, seed: int) -> str:
         """The `python -m lorsu_demo train` command that repeats `record` (see takeaway)."""
@@ -550,6 +644,7 @@ class AppCore:
         if target == latest:
             return f"Nothing to roll back: session {latest} is already the latest."
         ws.history.rollback(target)
+        self.remember(ws)
         removed = f"session {latest}" if latest == target + 1 else f"sessions {target + 1}-{latest}"
         where = "the base model" if target == 0 else f"session {target}"
         return f"Rolled back to {where}: {removed} removed exactly."
@@ -580,6 +675,7 @@ class AppCore:
                 f"{Path(str(path)).name} could not be read as a lorsu-demo history file."
             ) from None
         ws.history = history
+        self.remember(ws)
         n = len(history)
         return f"Loaded {n} session{'s' if n != 1 else ''} from {Path(str(path)).name}."
 
@@ -685,6 +781,10 @@ def done_status(record, seconds: float, has_control: bool) -> str:
         )
         text += f" Free dimensions left (q/k/v/out per layer): {layers}."
     return text + " Try it in the Chat tab, or train again."
+
+
+def _plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _kept_pixels(ws: Workspace) -> int:

@@ -260,27 +260,7 @@ def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: li
     extras = tab.extras
 
     def show_data(data):
-        counts = data.domain.train.counts()
-        rows = [[c, n, data.domain.test.counts().get(c, 0)] for c, n in counts.items()]
-        sample = []
-        for label in data.domain.train.classes[:24]:
-            item = next(i for i in data.domain.train.items if i.label == label)
-            sample.append((item.image, label))
-        most = max(1, data.max_shots())
-        description = f"  \n{data.description}" if data.description else ""
-        info = (
-            f"**Training on: {data.title}** (`{data.name}`): {len(data.classes)} classes, "
-            f"{len(data.domain.train)} training and {len(data.domain.test)} test images."
-            f"{description}"
-        )
-        return (
-            status_line(f"Data ready: {data.title}. Press Train (step 2).", "info"),
-            info,
-            gr.update(value=rows, visible=True),
-            gr.update(value=sample, visible=True),
-            gr.update(maximum=most, value=min(5, most)),
-            views.probes(data.probes()),
-        )
+        return data_view(views, data)
 
     data_outputs = [status, data_info, data_table, data_gallery, shots, probes]
 
@@ -292,7 +272,9 @@ def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: li
         except Exception as err:  # shown as a message; logged
             return [status_line(explain(err), "error")] + [gr.skip()] * (len(data_outputs) - 1)
 
-    example.change(on_example, [example], data_outputs, **PRIVATE, **LIGHT)
+    # .input, not .change: the page sets these itself when it restores a workspace (on load),
+    # and that must not re-run the handler over the restored values.
+    example.input(on_example, [example], data_outputs, **PRIVATE, **LIGHT)
 
     def on_add_card(count):
         count = min(CARDS, count + 1)
@@ -323,17 +305,9 @@ def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: li
                     **LIGHT)  # fmt: skip
 
     def on_method(name):
-        settings = method_settings(name)
-        values = engine.settings_for(bundle, name)
-        updates = [
-            gr.update(visible=knob in settings, value=values.get(knob))
-            if knob in settings
-            else gr.update(visible=False)
-            for knob in knob_names
-        ]
-        return [_method_help(name), gr.update(value=int(values.get("epochs", 5))), *updates]
+        return method_view(bundle, name, knob_names)
 
-    method.change(on_method, [method], [method_help, epochs, *knobs], queue=False, **PRIVATE)
+    method.input(on_method, [method], [method_help, epochs, *knobs], queue=False, **PRIVATE)
 
     def on_arm(request: gr.Request):
         core.arm(key_of(request))
@@ -431,6 +405,99 @@ def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: li
         return status_line(core.stop(key_of(request)), "stopped")
 
     stop_btn.click(on_stop, None, [status], queue=False, **PRIVATE)
+
+
+# ---- views ---------------------------------------------------------------------------------------
+def data_view(views: Views, data) -> tuple:
+    """(status, data info, table, gallery, shots, probes) for a picked or uploaded dataset."""
+    counts = data.domain.train.counts()
+    rows = [[c, n, data.domain.test.counts().get(c, 0)] for c, n in counts.items()]
+    sample = []
+    for label in data.domain.train.classes[:24]:
+        item = next(i for i in data.domain.train.items if i.label == label)
+        sample.append((item.image, label))
+    most = max(1, data.max_shots())
+    description = f"  \n{data.description}" if data.description else ""
+    info = (
+        f"**Training on: {data.title}** (`{data.name}`): {len(data.classes)} classes, "
+        f"{len(data.domain.train)} training and {len(data.domain.test)} test images."
+        f"{description}"
+    )
+    return (
+        status_line(f"Data ready: {data.title}. Press Train (step 2).", "info"),
+        info,
+        gr.update(value=rows, visible=True),
+        gr.update(value=sample, visible=True),
+        gr.update(maximum=most, value=min(5, most)),
+        views.probes(data.probes()),
+    )
+
+
+def method_view(bundle, name: str, knob_names: list[str], given: dict | None = None) -> list:
+    """(method help, epochs, *knobs) for a method: its settings shown, the rest hidden;
+    `given` (a session's settings) overrides the defaults."""
+    settings = method_settings(name)
+    values = {**engine.settings_for(bundle, name), **(given or {})}
+    updates = [
+        gr.update(visible=knob in settings, value=values.get(knob))
+        if knob in settings
+        else gr.update(visible=False)
+        for knob in knob_names
+    ]
+    return [_method_help(name), gr.update(value=int(values.get("epochs") or 5)), *updates]
+
+
+def restore_outputs(tab: TeachTab) -> list:
+    """What `restore` fills, in its order (the page's status line comes first, apart)."""
+    return [
+        tab.example,
+        tab.data_info,
+        tab.data_table,
+        tab.data_gallery,
+        tab.shots,
+        tab.probes,
+        tab.method,
+        tab.method_help,
+        tab.epochs,
+        *tab.knobs,
+        tab.seed,
+        tab.reader,
+        tab.also,
+    ]
+
+
+def restore(core: AppCore, views: Views, tab: TeachTab, ws, note: dict | None) -> list:
+    """The tab as a returning browser left it: its data picked, and the inputs of a session
+    a reload cut short (`note`, from `core.take_interrupted`) back in step 2."""
+    keep = [gr.skip()] * len(restore_outputs(tab))
+    data = None
+    if ws.selected:
+        try:
+            data = core.dataset(ws, None)
+        except Exception:  # an example folder gone since: start without it
+            data = None
+    if data is not None:
+        _, info, table, gallery, shots, probes = data_view(views, data)
+        keep[:6] = [data.name if data.example else None, info, table, gallery, shots, probes]
+    if note and note.get("method") in METHODS:
+        n = 6
+        method = note["method"]
+        keep[n] = method
+        keep[n + 1 : n + 3 + len(tab.knobs)] = method_view(
+            core.bundle, method, tab.knob_names, note.get("settings") or {}
+        )
+        if note.get("epochs"):
+            keep[n + 2] = gr.update(value=int(note["epochs"]))
+        if note.get("shots"):
+            shots = keep[4] if isinstance(keep[4], dict) else gr.update()
+            keep[4] = {**shots, "value": int(note["shots"])}
+        n += 3 + len(tab.knobs)
+        keep[n : n + 3] = [
+            note.get("seed"),
+            note.get("reader") or gr.skip(),
+            bool(note.get("also")),
+        ]
+    return keep
 
 
 # ---- helpers -----------------------------------------------------------------------------------
