@@ -22,7 +22,6 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from .arch import ARCHS, build_bundle, parameter_counts
-from .cli import EXTENSIONS
 from .data import Item, LabelledImages, normalise
 from .evaluate import EvalSet
 from .methods import make_method
@@ -529,6 +528,3 @@ def cmd_history(args) -> int:
     result = history_cost(args.sessions, args.arch)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
-
-
-EXTENSIONS.append(add_commands)

@@ -292,5 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-from . import bench, compare  # noqa: E402,F401  (add `bench flops|session` and `compare`)
+def add_bench_commands(commands) -> None:
+    """`bench flops|session|history|classroom`, imported only when the parser is built: the
+    benchmarks (the meta-device architectures, the FLOP counter) are not loaded with the app."""
+    from .bench import add_commands
+
+    add_commands(commands)
+
+
+EXTENSIONS.append(add_bench_commands)
+from . import compare  # noqa: E402,F401  (adds `compare`)
 from .ui import cli as _app_command  # noqa: E402,F401  (registers `python -m lorsu_demo app`)
