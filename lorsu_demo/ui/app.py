@@ -55,7 +55,8 @@ def build_app(core: AppCore) -> gr.Blocks:
             elem_id="lorsu-status",
         )
 
-        with gr.Tabs(elem_id="lorsu-tabs"):
+        # "wrap": on a phone every tab stays in view (the default hides some behind "...").
+        with gr.Tabs(elem_id="lorsu-tabs", overflow_behavior="wrap"):
             with gr.Tab("1 · Teach & watch", id="train"):
                 teach = tab_teach.build(core, views)
             with gr.Tab("2 · Chat", id="chat"):
