@@ -168,3 +168,29 @@ def test_api_clients_are_not_kept_on_disk(world):
     events = list(core.train("api-client", "colours", "lorsu", 3, 1, FAST))
     assert isinstance(events[-1][0], Done)
     assert not (world / "state-api" / "workspaces").exists()
+
+
+def test_the_queue_note_gives_the_position_and_an_eta(world):
+    core = make_core(world, state=world / "state-queue")
+    core.arm("first")
+    assert core.queue_note("first", lanes=1) == "Waiting for the model: yours is next."
+    # the first session runs (and finishes): its duration is what the estimate uses
+    events = list(core.train("first", "colours", "lorsu", 3, 1, FAST))
+    assert isinstance(events[-1][0], Done) and core.queue_note("first") is None
+    took = core._durations[-1]
+    # while one session runs, two Train presses wait behind it, in the order pressed
+    core.arm("second")
+    core.arm("third")
+    core._running["someone"] = time.monotonic()  # as core.train marks a running session
+    second = core.queue_note("second", lanes=1)
+    third = core.queue_note("third", lanes=1)
+    assert second.startswith("Waiting for the model: position 1 in the line (1 session running)")
+    assert third.startswith("Waiting for the model: position 2 in the line")
+    assert "the median of the last 1" in third
+    wait = [float(w) for w in __import__("re").findall(r"about (\d+) s to wait", third)]
+    assert wait and abs(wait[0] - 2 * took) <= 1.5  # the running one and the second, ahead
+    # with two lanes the second starts at once
+    assert "yours is next" in core.queue_note("second", lanes=2)
+    list(core.train("second", "colours", "lorsu", 3, 1, FAST))
+    assert core.queue_note("second") is None
+    assert core.queue_note("third", lanes=1).startswith("Waiting for the model: position 1")

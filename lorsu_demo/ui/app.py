@@ -111,6 +111,23 @@ def build_app(core: AppCore) -> gr.Blocks:
             **LIGHT,
         )
 
+        # While a Train press waits for the model lane, the status line says where it stands
+        # (Gradio's own overlay shows its queue, not how long our sessions take).
+        queue_timer = gr.Timer(1.0, active=False)
+
+        def on_wait(request: gr.Request):
+            note = core.queue_note(key_of(request))
+            if note is None:
+                return gr.skip(), gr.Timer(active=False)
+            return status_line(note, "busy"), gr.skip()
+
+        teach.train_btn.click(
+            lambda: gr.Timer(active=True), None, queue_timer, queue=False, **PRIVATE
+        )
+        queue_timer.tick(
+            on_wait, None, [status, queue_timer], show_progress="hidden", **PRIVATE, **LIGHT
+        )
+
         def on_version(value, request: gr.Request):
             core.set_chat_version(key_of(request), value)
 

@@ -13,8 +13,11 @@ import hashlib
 import logging
 import math
 import shutil
+import statistics
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +178,12 @@ class AppCore:
             DiskStore(self.state_dir / "workspaces"),
             check=lambda history: self._check_fits(history, "The saved history"),
         )
+        # Who waits for the model lane (workspace key -> when Train was pressed) and how long
+        # the last sessions took, for the status line's queue position and ETA.
+        self._waiting: dict[str, float] = {}
+        self._running: dict[str, float] = {}
+        self._durations: deque[float] = deque(maxlen=5)
+        self._queue_lock = threading.Lock()
         base = Path(work_dir) if work_dir else Path(tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)
         self.work_dir = Path(tempfile.mkdtemp(prefix="lorsu-app-", dir=base))
@@ -355,6 +364,8 @@ class AppCore:
         `train --seed` does; `also` reads TI and CC a second way (e.g. "mc")."""
         ws = self.workspace(key)
         live = Live()
+        with self._queue_lock:
+            self._waiting.pop(ws.key, None)  # its turn came (or it is refused below)
         try:
             if ws.busy:
                 raise UserError(
@@ -399,6 +410,8 @@ class AppCore:
             live.status += " " + zerogpu.quota_note(steps)
         ws.busy, ws.runner = True, key
         started = time.perf_counter()
+        with self._queue_lock:
+            self._running[ws.key] = time.monotonic()
         inputs = {
             "index": index,
             "data": data.name,
@@ -446,6 +459,8 @@ class AppCore:
                     live.finished, live.saved, live.tone = True, event.record.index, "done"
                     live.phase = "done"
                     seconds = time.perf_counter() - started
+                    with self._queue_lock:
+                        self._durations.append(seconds)
                     live.status = done_status(event.record, seconds, bool(self.controls))
                     if zerogpu.on_zerogpu():
                         counted = zerogpu.quota_seconds(seconds)
@@ -478,6 +493,8 @@ class AppCore:
         finally:
             worker.close()
             ws.busy, ws.runner = False, None
+            with self._queue_lock:
+                self._running.pop(ws.key, None)
             if ws.closed:
                 self.close(ws.key)
 
@@ -516,7 +533,39 @@ class AppCore:
 
     def arm(self, key: str | None) -> None:
         """A Train press: clear the stop flag before the session waits in the queue."""
-        self.workspace(key).stop.clear()
+        ws = self.workspace(key)
+        ws.stop.clear()
+        with self._queue_lock:
+            self._waiting.setdefault(ws.key, time.monotonic())
+
+    def queue_note(self, key: str | None, lanes: int | None = None) -> str | None:
+        """While this workspace's session waits for the model: its place in the line and an
+        estimate of the wait from the last sessions' durations. None once it runs."""
+        ws_key = self.store.resolve(key)
+        lanes = max(1, lanes or zerogpu.lane_width())
+        now = time.monotonic()
+        with self._queue_lock:
+            if ws_key not in self._waiting:
+                return None
+            mine = self._waiting[ws_key]
+            ahead = sum(1 for t in self._waiting.values() if t < mine)
+            running = list(self._running.values())
+            typical = statistics.median(self._durations) if self._durations else None
+        position = ahead + 1
+        if len(running) < lanes and ahead == 0:
+            return "Waiting for the model: yours is next."
+        text = f"Waiting for the model: position {position} in the line"
+        if running:
+            text += f" ({len(running)} session{'s' if len(running) > 1 else ''} running)"
+        if typical is None:
+            return text + "; no session has finished yet to estimate the wait."
+        left = sum(max(0.0, typical - (now - t)) for t in running) + ahead * typical
+        eta = left / lanes
+        n = len(self._durations)
+        return (
+            f"{text}, about {_duration(eta)} to wait (sessions take about "
+            f"{_duration(typical)}, the median of the last {n})."
+        )
 
     def stop(self, key: str | None) -> str:
         ws = self.workspace(key)
@@ -781,6 +830,11 @@ def done_status(record, seconds: float, has_control: bool) -> str:
         )
         text += f" Free dimensions left (q/k/v/out per layer): {layers}."
     return text + " Try it in the Chat tab, or train again."
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(1, round(seconds))
+    return f"{seconds} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def _plain(value) -> bool:
