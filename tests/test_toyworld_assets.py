@@ -82,7 +82,8 @@ def test_base_model_knows_the_control_and_not_the_domains(toy):
 
 def test_a_seeded_session_teaches_the_chat_model_not_just_clip(tmp_path, capsys):
     """The app's promise: what a session teaches the encoder reaches the chat model's answers.
-    seven-segment is the domain where the first toy world's chat moved by +0.5 only."""
+    seven-segment is the domain where the first toy world's chat moved by +0.5 only, and the
+    second's by +13.5 (before the LLM learnt to answer what CLIP says)."""
     cli.main(
         ["train", "--data", str(ASSETS / "domains" / "seven-segment"), "--sessions", "1"]
         + ["--shots", "5", "--seed", "0", "--eval", "mc", "--out", str(tmp_path / "run")]
@@ -91,7 +92,7 @@ def test_a_seeded_session_teaches_the_chat_model_not_just_clip(tmp_path, capsys)
     run = json.loads(capsys.readouterr().out)
     (session,) = run["sessions"]
     assert run["base"]["control_acc"] >= 90.0
-    assert session["ti"] >= 8.0, session  # multiple-choice points, chance is 20
+    assert session["ti"] >= 15.0, session  # multiple-choice points, chance is 20
     assert session["cc"] >= -3.0, session
 
 
@@ -147,6 +148,7 @@ def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
         ["--out", str(tmp_path), "--clip-images", "2", "--clip-letters", "1"]
         + ["--clip-steps", "2", "--llm-images", "2", "--llm-steps", "2", "--threads", "1"]
         + ["--domain-images", "5", "2"]
+        + ["--mimic-steps", "2", "--mimic-sessions", "1", "--mimic-letters", "1"]
     )
     written = load_bundle(str(tmp_path / "toy"))
     assert written.clip.vision_model is written.vlm.model.vision_tower

@@ -20,6 +20,7 @@ Everything is seeded; on 2 CPU cores the whole recipe takes about 26.5 minutes (
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -478,9 +479,14 @@ def train_llm(
     standin=0.3,
     align=0.1,
     pooled=0.0,
+    weights=None,
+    report=None,
     log=print,
 ):
     """Train the projector and the LLM (the vision tower is frozen; its features are cached).
+
+    `weights` (optional, one per sample) sets how often each sample is drawn; `report`
+    (features, labels) is what the progress lines measure (default: all samples).
 
     Two training aids make the matching tasks (yes/no, multiple choice) learnable for a tiny LLM
     trained from nothing; neither exists at inference, where the VLM is a plain LLaVA:
@@ -506,8 +512,12 @@ def train_llm(
     gen = torch.Generator().manual_seed(seed)
     vlm.train()
     t0 = time.time()
+    report = report or (feats, labels)
     for step in range(steps):
-        idx = torch.randint(len(feats), (batch,), generator=gen)
+        if weights is None:
+            idx = torch.randint(len(feats), (batch,), generator=gen)
+        else:
+            idx = torch.multinomial(weights, batch, replacement=True, generator=gen)
         y = labels_t[idx]
         pairs = [sample_qa(BASE_CLASSES[i], rng) for i in y.tolist()]
         ids, att, lab = encoder(pairs)
@@ -528,7 +538,7 @@ def train_llm(
         opt.step()
         sched.step()
         if step % 250 == 0 or step == steps - 1:
-            acc = first_token_accuracy(vlm, encoder, feats, labels)
+            acc = first_token_accuracy(vlm, encoder, *report)
             accs = " ".join(f"{k} {v:.2f}" for k, v in acc.items())
             log(
                 f"llm step {step}/{steps} loss {loss.item():.3f} | {accs} ({time.time() - t0:.0f}s)"
@@ -580,6 +590,89 @@ def vlm_mc_accuracy(vlm, processor, images, labels, classes, seed=0) -> float:
     prompts, letters = mc_questions(labels, classes, seed)
     answers = vlm_answers(vlm, processor, images, prompts, max_new_tokens=2)
     return float(np.mean([a.lower() == x.lower() for a, x in zip(answers, letters)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# What CLIP says: the LLM learns to answer it
+
+
+@torch.no_grad()
+def class_text_embeddings(clip, clip_tokenizer, classes=BASE_CLASSES, template=CAPTION_TEMPLATE):
+    enc = clip_tokenizer(
+        [template.format(label=c) for c in classes], padding=True, return_tensors="pt"
+    )
+    return clip_features(clip, input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+
+
+@torch.no_grad()
+def read_features_and_guesses(vision, projection, text, pixels: torch.Tensor):
+    """For [0, 1] pixels: the patch tokens LLaVA reads (layer -2) and CLIP's zero-shot guess (an
+    index into `text`'s classes), from one forward of one encoder."""
+    feats, guesses = [], []
+    for i in range(0, len(pixels), 256):
+        out = vision(pixel_values=normalize(pixels[i : i + 256]), output_hidden_states=True)
+        feats.append(out.hidden_states[READ_LAYER][:, 1:])
+        img = F.normalize(projection(out.pooler_output), dim=-1)
+        guesses.append((img @ text.T).argmax(1))
+    return torch.cat(feats), torch.cat(guesses)
+
+
+def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, log=print):
+    """Features and CLIP's guesses from copies of the encoder after short CLIP-loss sessions.
+
+    Each pretend session teaches a copy of the vision encoder that a few letters (a look the LLM
+    never sees) are base classes, from 5-10 shots each, with a random learning rate and length.
+    Afterwards the copy's read features of other images of those letters, and of base images,
+    are labelled with what the copy's CLIP now says. An LLM trained on them answers what the
+    encoder's CLIP embedding says, wherever a session moved it: the transfer that real LLaVA
+    shows and a reader trained on one look does not.
+    """
+    text = class_text_embeddings(clip, clip_tokenizer)
+    letter_x, letter_y = letters_dataset(50, seed, split="sessions")
+    base_x, _ = base_dataset(8, seed, split="sessions")
+    letter_px, base_px = to_pixels(letter_x), to_pixels(base_x)
+    letter_y = torch.from_numpy(letter_y)
+    rng = np.random.default_rng([seed, 7])
+    gen = torch.Generator().manual_seed(seed + 7)
+    scale = clip.logit_scale.exp().item()
+    feats, guesses = [], []
+    t0 = time.time()
+    for s in range(count):
+        k = int(rng.integers(4, 11))
+        letters = rng.choice(len(LETTER_CLASSES), k, replace=False)
+        targets = torch.from_numpy(rng.choice(len(BASE_CLASSES), k, replace=False))
+        shots = int(rng.integers(5, 11))
+        train_idx = torch.cat([torch.nonzero(letter_y == c)[:shots, 0] for c in letters])
+        test_idx = torch.cat([torch.nonzero(letter_y == c)[shots:, 0] for c in letters])
+        remap = torch.full((len(LETTER_CLASSES),), -1)
+        remap[torch.from_numpy(letters)] = torch.arange(k)
+        vision = copy.deepcopy(clip.vision_model).train()
+        projection = copy.deepcopy(clip.visual_projection)
+        params = list(vision.parameters()) + list(projection.parameters())
+        lr = float(np.exp(rng.uniform(np.log(5e-5), np.log(5e-4))))
+        steps = int(rng.integers(20, 81))
+        opt = torch.optim.Adam(params, lr=lr)
+        local_text = text[targets]
+        for _ in range(steps):
+            idx = train_idx[torch.randint(len(train_idx), (16,), generator=gen)]
+            y = remap[letter_y[idx]]
+            pooled = vision(pixel_values=normalize(augment(letter_px[idx], gen))).pooler_output
+            img = F.normalize(projection(pooled), dim=-1)
+            loss = multi_positive_clip_loss(img, local_text[y], y, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        vision.eval()
+        for px in (letter_px[test_idx], base_px):
+            f, g = read_features_and_guesses(vision, projection, text, px)
+            feats.append(f)
+            guesses.append(g)
+        if s % 10 == 0 or s == count - 1:
+            log(
+                f"simulated session {s + 1}/{count}: {k} letters, lr {lr:.1e}, {steps} steps "
+                f"({time.time() - t0:.0f}s)"
+            )
+    return torch.cat(feats), torch.cat(guesses)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,6 +746,21 @@ def main(argv=None):
         help="fraction of LLM samples whose image tokens are all the mean patch token",
     )
     ap.add_argument(
+        "--mimic-steps",
+        default=800,
+        type=int,
+        help="steps of the third stage: the LLM learns to answer what CLIP says (0: none)",
+    )
+    ap.add_argument("--mimic-lr", default=3e-4, type=float)
+    ap.add_argument(
+        "--mimic-share",
+        default=0.5,
+        type=float,
+        help="fraction of third-stage samples labelled with CLIP's guess (letters, sessions)",
+    )
+    ap.add_argument("--mimic-sessions", default=60, type=int, help="simulated sessions")
+    ap.add_argument("--mimic-letters", default=40, type=int, help="letter images per letter")
+    ap.add_argument(
         "--read-weight",
         default=1.0,
         type=float,
@@ -674,6 +782,7 @@ def main(argv=None):
         help="images per class in each example domain's train and test folders",
     )
     ap.add_argument("--clip-from", type=Path, help="(development) reuse a trained clip/ folder")
+    ap.add_argument("--llm-from", type=Path, help="(development) start the LLM from a vlm/ folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -720,21 +829,45 @@ def main(argv=None):
     vlm.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     images, labels = base_dataset(args.llm_images, args.seed, split="llm")
     feats = vision_feature_cache(vlm, images, args.llm_views, args.seed)
-    labels = np.tile(labels, args.llm_views + 1)
+    labels = torch.from_numpy(np.tile(labels, args.llm_views + 1))
     log(f"{len(images)} base images for the LLM, features {tuple(feats.shape)}")
-    train_llm(
-        vlm,
-        processor,
-        feats,
-        labels,
-        steps=args.llm_steps,
-        batch=64,
-        lr=1e-3,
-        seed=args.seed,
-        align=args.llm_align,
-        pooled=args.llm_pooled,
-        log=log,
-    )
+    common = dict(batch=64, seed=args.seed, align=args.llm_align, pooled=args.llm_pooled, log=log)
+    if args.llm_from:
+        vlm.load_state_dict(
+            LlavaForConditionalGeneration.from_pretrained(args.llm_from).float().state_dict()
+        )
+        log(f"VLM weights from {args.llm_from} (the first LLM stage skipped)")
+    else:
+        train_llm(vlm, processor, feats, labels, steps=args.llm_steps, lr=1e-3, **common)
+    if args.mimic_steps > 0:
+        # Stage 3 starts from the weights as fp16 would store them, as `--llm-from` gives them.
+        vlm.half().float()
+        # Letters as the base encoder sees them, and what simulated sessions make of them,
+        # labelled with what CLIP says of them (its guess), not with a true label: the LLM learns
+        # to answer what the encoder's embedding means, wherever a session moves it.
+        text = class_text_embeddings(clip, clip_tok)
+        letter_x, _ = letters_dataset(args.mimic_letters, args.seed, split="llm")
+        letter_f, letter_g = read_features_and_guesses(
+            clip.vision_model, clip.visual_projection, text, to_pixels(letter_x)
+        )
+        session_f, session_g = simulated_sessions(
+            clip, clip_tok, args.mimic_sessions, args.seed, log
+        )
+        log(f"{len(letter_f)} letter and {len(session_f)} simulated-session samples for the LLM")
+        pools = [(feats, labels), (letter_f, letter_g), (session_f, session_g)]
+        shares = [1 - args.mimic_share, args.mimic_share * 0.25, args.mimic_share * 0.75]
+        weights = torch.cat([torch.full((len(f),), w / len(f)) for (f, _), w in zip(pools, shares)])
+        train_llm(
+            vlm,
+            processor,
+            torch.cat([f for f, _ in pools]),
+            torch.cat([g for _, g in pools]),
+            steps=args.mimic_steps,
+            lr=args.mimic_lr,
+            weights=weights,
+            report=(feats, labels),
+            **common,
+        )
     acc = vlm_mc_accuracy(vlm, processor, ctrl_x, ctrl_y, BASE_CLASSES)
     log(f"VLM multiple choice on control: {acc:.3f}")
 
