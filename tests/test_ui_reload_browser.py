@@ -129,3 +129,36 @@ def test_every_tab_is_visible_on_a_phone_and_in_dark_mode(served, browser, look)
         assert not page.errors, page.errors
     finally:
         ctx.close()
+
+
+def test_stale_results_are_cleared_after_a_stop_a_roll_back_and_new_data(served, browser):
+    ctx, page = open_page(browser, served)
+    try:
+        tour.teach_and_train(page, "Coloured squares: colours")
+        assert "%" in page.inner_text("#lorsu-metrics")  # e.g. "33% → 33%" under TI
+        tour.roll_back(page)
+        page.get_by_role("tab", name="1 · Teach & watch").click()
+        cards = page.inner_text("#lorsu-metrics")
+        assert "Rolled back" in cards and "%" not in cards
+
+        page.get_by_label("number input for Epochs").fill("30")
+        page.get_by_label("number input for Epochs").press("Enter")
+        page.click("#lorsu-train")
+        tour.wait_status(page, "Step ")
+        page.click("#lorsu-stop")
+        tour.wait_status(page, "Stopped")
+        page.wait_for_selector("#lorsu-metrics:has-text('Stopped')", timeout=20000)
+        assert "%" not in page.inner_text("#lorsu-metrics")
+
+        page.get_by_label("number input for Epochs").fill("1")
+        page.get_by_label("number input for Epochs").press("Enter")
+        page.click("#lorsu-train")
+        tour.wait_status(page, "Done: session 1 saved")
+        assert "%" in page.inner_text("#lorsu-metrics")
+        page.get_by_label("Coloured squares: mixes", exact=True).check()
+        tour.wait_status(page, "Data ready")
+        cards = page.inner_text("#lorsu-metrics")
+        assert "New data picked" in cards and "%" not in cards
+        assert not page.errors, page.errors
+    finally:
+        ctx.close()

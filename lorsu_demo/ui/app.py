@@ -128,6 +128,18 @@ def build_app(core: AppCore) -> gr.Blocks:
             on_wait, None, [status, queue_timer], show_progress="hidden", **PRIVATE, **LIGHT
         )
 
+        # A roll back or a history upload changes the model under the Teach tab's results:
+        # they are cleared there (the Sessions tab has the history's own numbers).
+        stale = [teach.metrics, teach.curves, teach.scores]
+        sessions.confirm_yes.click(
+            lambda: views.cleared("Rolled back: the last results shown here were removed."),
+            None, stale, queue=False, **PRIVATE,
+        )  # fmt: skip
+        sessions.upload_history.upload(
+            lambda: views.cleared("A history file was loaded: train a session to see TI and CC."),
+            None, stale, queue=False, **PRIVATE,
+        )  # fmt: skip
+
         def on_version(value, request: gr.Request):
             core.set_chat_version(key_of(request), value)
 

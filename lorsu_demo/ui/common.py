@@ -71,6 +71,12 @@ class Views:
             control=self.has_control,
         )
 
+    def cleared(self, reason: str) -> tuple:
+        """(TI/CC cards, curves, heatmap) emptied, the cards saying why: what they showed is
+        no longer the model you have (a stop, a roll back, other data)."""
+        cards = figures.metrics_html(None, None, note=reason, control=self.has_control)
+        return cards, self.curves(), self.scores()
+
     def curves(self, live=None):
         if live is None:
             return figures.curves_figure([], [], None)

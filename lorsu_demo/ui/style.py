@@ -36,4 +36,17 @@ CSS = """
 .lorsu-probes .lorsu-no .lorsu-mark {color: #dc2626 !important; font-weight: 700;}
 .lorsu-wait {color: #9ca3af;}
 .lorsu-small {font-size: 13px; color: #6b7280;}
+/* The status line stays at the top of the window (Train, Stop and the TI/CC cards head the
+   live view, just below it). */
+#lorsu-status {position: sticky; top: 0; z-index: 40;}
+/* Gradio's container has overflow: hidden, which makes it the sticky elements' scroll box;
+   clip cuts the same overflow without being one. */
+.gradio-container {overflow: clip !important;}
+/* Phones: wide tables scroll sideways instead of being cut off. */
+#lorsu-table, #lorsu-data-table, .lorsu-probes {overflow-x: auto; max-width: 100%;}
+@media (max-width: 600px) {  /* phones: the two cards side by side */
+  .lorsu-metric {flex: 1 1 40%; padding: 6px 8px;}
+  .lorsu-metric-value {font-size: 32px;}
+  .lorsu-metric-help {font-size: 11.5px;}
+}
 """

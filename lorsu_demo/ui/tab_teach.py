@@ -173,14 +173,16 @@ def build(core: AppCore, views: Views) -> TeachTab:
                     "after the session (slower)",
                     elem_id="lorsu-also",
                 )
+
+        # Train and Stop head the live view: pressing Train, the status line (sticky, at the
+        # top) and the TI/CC cards just below are in one view.
+        with gr.Column(scale=3, min_width=420, elem_id="lorsu-live"):
+            gr.Markdown("### 3 · Train and watch it learn")
             with gr.Row():
                 train_btn = gr.Button("Train", variant="primary", elem_id="lorsu-train", scale=2)
                 stop_btn = gr.Button(
                     "Stop", variant="stop", interactive=False, elem_id="lorsu-stop"
                 )
-
-        with gr.Column(scale=3, min_width=420):
-            gr.Markdown("### 3 · Watch it learn")
             metrics = gr.HTML(views.metrics(), elem_id="lorsu-metrics")
             readings = takeaway_ui.build_readings()
             gr.Markdown(text.LIVE, elem_classes="lorsu-small")
@@ -262,7 +264,9 @@ def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: li
     def show_data(data):
         return data_view(views, data)
 
-    data_outputs = [status, data_info, data_table, data_gallery, shots, probes]
+    # New data clears the last session's TI/CC, curves and heatmap: they were of other data.
+    data_outputs = [status, data_info, data_table, data_gallery, shots, probes, metrics, curves,
+                    scores]  # fmt: skip
 
     def on_example(name, request: gr.Request):
         if not name:
@@ -367,6 +371,10 @@ def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: li
             if isinstance(event, Step) and not redraw and now - said < STATUS_EVERY:
                 continue  # every update costs Gradio a round of work: not one per step
             said = now
+            if final and live.saved is None:  # stopped or failed: nothing of it is kept
+                yield (status_line(live.status, live.tone), *views.cleared(live.status),
+                       gr.skip(), *buttons, *[gr.skip()] * 7)  # fmt: skip
+                continue
             yield (
                 status_line(live.status, live.tone),
                 views.metrics(live) if isinstance(event, Metrics) or final else gr.skip(),
@@ -409,7 +417,8 @@ def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: li
 
 # ---- views ---------------------------------------------------------------------------------------
 def data_view(views: Views, data) -> tuple:
-    """(status, data info, table, gallery, shots, probes) for a picked or uploaded dataset."""
+    """(status, data info, table, gallery, shots, probes, metrics, curves, heatmap) for a
+    picked or uploaded dataset: the last session's results are cleared (other data)."""
     counts = data.domain.train.counts()
     rows = [[c, n, data.domain.test.counts().get(c, 0)] for c, n in counts.items()]
     sample = []
@@ -430,6 +439,7 @@ def data_view(views: Views, data) -> tuple:
         gr.update(value=sample, visible=True),
         gr.update(maximum=most, value=min(5, most)),
         views.probes(data.probes()),
+        *views.cleared(f"New data picked ({data.title}): train a session to see its TI and CC."),
     )
 
 
@@ -477,7 +487,7 @@ def restore(core: AppCore, views: Views, tab: TeachTab, ws, note: dict | None) -
         except Exception:  # an example folder gone since: start without it
             data = None
     if data is not None:
-        _, info, table, gallery, shots, probes = data_view(views, data)
+        _, info, table, gallery, shots, probes, *_ = data_view(views, data)
         keep[:6] = [data.name if data.example else None, info, table, gallery, shots, probes]
     if note and note.get("method") in METHODS:
         n = 6
