@@ -305,7 +305,22 @@ def _sync(bundle) -> None:
         torch.cuda.synchronize()
 
 
-def time_session(bundle, method_name: str, train, target, reader="clip", seed=0, **settings):
+# Dense bf16 tensor-core peaks (TFLOP/s) for the fraction of the ideal; others: --peak-tflops.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4}
+
+
+def _digits(value: float) -> float:
+    """Four significant digits (a tiny model's rate is far below a thousandth of a TFLOP/s)."""
+    return float(f"{value:.4g}")
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def time_session(
+    bundle, method_name: str, train, target, reader="clip", seed=0, autocast=None, **settings
+):
     """One session through the real loop: seconds per phase, peak memory, what changed."""
     cuda = bundle.device.type == "cuda"
     _sync(bundle)
@@ -323,6 +338,7 @@ def time_session(bundle, method_name: str, train, target, reader="clip", seed=0,
             seed=seed,
             eval_points=0,
             reader=reader,
+            autocast=autocast,
         )
     )
     _sync(bundle)
@@ -386,6 +402,9 @@ def time_sessions(
     memory: str = "bf16",
     precision_check: bool = True,
     factory=None,
+    autocast: str | None = None,
+    count: bool = True,
+    peak: float | None = None,
 ) -> dict:
     """Time one session per method. `factory(encoder_fp32=...)` builds the bundle (default:
     the real architecture with random weights on `device`)."""
@@ -418,9 +437,24 @@ def time_sessions(
         "augmentation_seconds": augmentation_seconds(bundle, train, epochs, batch_size),
         "methods": {},
     }
+    result["autocast"] = autocast
+    peak = peak or (peak_tflops(result["device"]) if cuda else None)
+    result["peak_tflops"] = peak
     for name in methods:
         try:
-            result["methods"][name] = time_session(bundle, name, train, target, reader, **settings)
+            row = time_session(bundle, name, train, target, reader, autocast=autocast, **settings)
+            if count:
+                # The session's FLOP count (importance pass, training, captions; what `bench
+                # flops` counts), measured on this bundle, over the whole session's seconds.
+                counted = count_session_flops(
+                    bundle, name, images=images, classes=classes, **settings
+                )["tflops"]
+                achieved = counted / row["seconds"]
+                row["counted_tflops"] = _digits(counted)
+                row["achieved_tflops_per_s"] = _digits(achieved)
+                if peak:
+                    row["ideal_fraction"] = _digits(achieved / peak)
+            result["methods"][name] = row
         except torch.cuda.OutOfMemoryError as err:
             result["methods"][name] = {"error": f"out of memory: {str(err)[:200]}"}
             torch.cuda.empty_cache()
@@ -480,7 +514,18 @@ def cmd_session(args) -> int:
         reader=args.eval,
         memory=args.memory,
         precision_check=not args.no_precision_check,
+        autocast=None if args.autocast == "off" else args.autocast,
+        peak=args.peak_tflops,
     )
+    for name, row in result["methods"].items():
+        if "seconds" in row:
+            ideal = row.get("ideal_fraction")
+            print(
+                f"{name}: {row['seconds']:.2f} s, {row.get('achieved_tflops_per_s', 0):.1f} "
+                f"TFLOP/s achieved"
+                + (f", {100 * ideal:.1f}% of the ideal" if ideal is not None else ""),
+                file=sys.stderr,
+            )
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -508,6 +553,18 @@ def add_commands(commands) -> None:
                 "--no-precision-check",
                 action="store_true",
                 help="skip the extra lorsu session with a bf16 vision tower",
+            )
+            sub.add_argument(
+                "--autocast",
+                default="bf16",
+                choices=["bf16", "off"],
+                help="bf16 autocast over fp32 master weights for the training steps",
+            )
+            sub.add_argument(
+                "--peak-tflops",
+                type=float,
+                default=None,
+                help="the device's dense bf16 peak (default: known for H100/H200)",
             )
         sub.set_defaults(func=func)
     history = kinds.add_parser(
