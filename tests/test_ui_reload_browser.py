@@ -126,6 +126,13 @@ def test_every_tab_is_visible_on_a_phone_and_in_dark_mode(served, browser, look)
             assert page.evaluate("document.body.classList.contains('dark')") or page.evaluate(
                 "document.querySelector('.gradio-container').closest('.dark') !== null"
             )
+            # the charts (white PNGs) are turned dark with the page
+            page.get_by_role("tab", name="1 · Teach & watch", exact=True).click()
+            page.wait_for_selector("#lorsu-curves img")
+            chart = page.evaluate(
+                "getComputedStyle(document.querySelector('#lorsu-curves img')).filter"
+            )
+            assert "invert" in chart, chart
         assert not page.errors, page.errors
     finally:
         ctx.close()

@@ -219,12 +219,13 @@ def matrix_figure(matrix, boxes: list[tuple[int, str]] | None = None) -> Figure:
     figure = _figure(width, height)
     axes = figure.add_subplot(111)
     shown = np.where(np.isfinite(values), values, np.nan)
-    axes.imshow(shown, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    image = axes.imshow(shown, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     for j in range(values.shape[0]):
         for i in range(values.shape[1]):
             value = values[j, i]
             text = "—" if not math.isfinite(value) else f"{value:.0f}"
-            axes.text(i, j, text, ha="center", va="center", fontsize=9, color=INK)
+            colour = cell_ink(image.to_rgba(value)) if math.isfinite(value) else INK
+            axes.text(i, j, text, ha="center", va="center", fontsize=9, color=colour)
     if boxes is None:
         boxes = [(session, name) for name, session in matrix.trained_at.items()]
     for session, name in boxes:
@@ -273,6 +274,13 @@ def compare_figure(results: list[dict]) -> Figure:
     axes.grid(alpha=0.25)
     figure.tight_layout()
     return figure
+
+
+def cell_ink(rgba) -> str:
+    """Dark text on a light cell, white on a dark one (the deep red and green ends)."""
+    r, g, b = (float(c) for c in rgba[:3])
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return INK if luminance > 0.45 else "white"
 
 
 def _wrap(text: str, width: int = 14) -> str:

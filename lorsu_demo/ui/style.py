@@ -43,10 +43,15 @@ CSS = """
    clip cuts the same overflow without being one. */
 .gradio-container {overflow: clip !important;}
 /* Phones: wide tables scroll sideways instead of being cut off. */
-#lorsu-table, #lorsu-data-table, .lorsu-probes {overflow-x: auto; max-width: 100%;}
+#lorsu-table, #lorsu-compare-table, .lorsu-probes {overflow-x: auto; max-width: 100%;}
 @media (max-width: 600px) {  /* phones: the two cards side by side */
   .lorsu-metric {flex: 1 1 40%; padding: 6px 8px;}
   .lorsu-metric-value {font-size: 32px;}
   .lorsu-metric-help {font-size: 11.5px;}
 }
+/* Dark mode: the charts are PNGs drawn on white; inverted and turned back round the colour
+   wheel they become dark panels with light text, and blue, orange, red and green keep their
+   hue (their lightness flips, as the rest of the page's does). */
+.dark #lorsu-curves img, .dark #lorsu-heatmap img, .dark #lorsu-matrix img,
+.dark #lorsu-compare-figure img {filter: invert(0.92) hue-rotate(180deg);}
 """
