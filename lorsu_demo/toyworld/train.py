@@ -11,7 +11,10 @@
    LLaVA-1.5's prompt format: "What is in this image?" -> "a {label}", "Is this a {label}?" ->
    yes/no, the 5-way multiple-choice prompt -> the letter, and the perplexity-variant prompt ->
    "this is a {label}".
-3. Write `assets/toy/` (bundle.json, vlm/, clip/), `assets/control/`, `assets/domains/` and
+3. Teach the LLM to answer what CLIP says: more steps in which half of the samples are letters
+   and the features of simulated sessions (copies of the encoder taught with the CLIP loss that
+   some letters are base classes), labelled with CLIP's own guess instead of a true label.
+4. Write `assets/toy/` (bundle.json, vlm/, clip/), `assets/control/`, `assets/domains/` and
    `assets/LICENSES.md`.
 
 Everything is seeded; on 2 CPU cores the whole recipe takes about 26.5 minutes (docs/toyworld.md).
