@@ -3,8 +3,10 @@ pick an example domain, Train, see TI, CC and the heatmap, chat, roll back."""
 
 import re
 
+import numpy as np
 import pytest
 from conftest_ui import make_core
+from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from lorsu_demo.ui import tour
@@ -99,4 +101,68 @@ def test_class_cards_and_the_history_file(page, served):
     assert "not a lorsu-demo history file" in tour.wait_status(page, "history file", 20000)
     upload.set_input_files(download.value.path())
     assert "Loaded 1 session from" in tour.wait_status(page, "Loaded 1 session")
+    assert not page.errors, page.errors
+
+
+def _stroke(page, canvas, points):
+    """Drag the mouse through `points`, given as fractions of the canvas."""
+    # Measured when drawing, once the page has settled: a status line appearing above moves
+    # the pad, and a stroke at the old place would miss it.
+    canvas.scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    box = canvas.bounding_box()
+    x, y = box["x"], box["y"]
+    page.mouse.move(x + points[0][0] * box["width"], y + points[0][1] * box["height"], steps=4)
+    page.wait_for_timeout(100)
+    page.mouse.down()
+    for fx, fy in points[1:]:
+        page.mouse.move(x + fx * box["width"], y + fy * box["height"], steps=12)
+    page.mouse.up()
+
+
+def test_a_drawing_becomes_a_training_image_of_its_class(page, served):
+    _, root = served
+    train = root / "domains" / "colours" / "train"
+    page.get_by_role("tab", name="Class cards").click()
+    page.get_by_label("Class 1").fill("red")
+    page.get_by_label("Class 2").fill("blue")
+    page.get_by_text("Draw or take a photo for class 1").click()
+    page.click("#lorsu-add-drawing-0")
+    assert "Draw something first" in tour.wait_status(page, "Draw something first")
+
+    card = page.locator("#lorsu-pad-0").locator(
+        "xpath=ancestor::div[contains(@class,'gr-group')][1]"
+    )
+    thumbnails = card.locator(".thumbnail-item, .thumbnail-small, button.thumbnail-item")
+    before = thumbnails.count()
+    own = root / "work"
+    canvas = page.locator("#lorsu-pad-0 canvas").first
+    # Three drawings: a class needs two images at least, and one of three is kept for testing.
+    for added in (1, 2, 3):
+        _stroke(page, canvas, [(0.5, 0.3), (0.5, 0.7)])  # a "one"
+        _stroke(page, canvas, [(0.42 + added / 50, 0.35), (0.5, 0.3)])
+        page.click("#lorsu-add-drawing-0")
+        # The pad exports its layers when the button is pressed: slow on a busy machine.
+        said = tour.wait_status(page, f"): {added} image")
+        assert said.startswith("Added your drawing to class 1 (‘red’)"), said
+    page.wait_for_timeout(500)
+    assert thumbnails.count() == before + 3
+    drawings = sorted(own.glob("lorsu-app-*/*/own/drawing-*.png"))
+    assert len(drawings) == 3
+    for path in drawings:
+        picture = Image.open(path)
+        assert picture.size == (32, 32)  # the model's input size
+        grey = np.asarray(picture.convert("L"))
+        assert grey.max() > 200 and (grey < 100).sum() >= 6, grey  # paper and strokes
+
+    # The drawings are class 1's images on the same path as uploads.
+    blue = sorted(str(p) for p in (train / "blue").glob("*.png"))[:3]
+    page.locator("input[type=file][multiple]").nth(1).set_input_files(blue)  # card 2
+    page.wait_for_timeout(800)
+    page.get_by_role("button", name="Use these images").first.click()
+    # Red has the three drawings only (without them card 1 is refused as empty), blue three
+    # files: six images of two classes, a third kept to test.
+    ready = tour.wait_status(page, "Data ready")
+    assert "Your images (4 to train, 2 to test)" in ready, ready
+    assert "2 classes" in page.inner_text("#lorsu-data")
     assert not page.errors, page.errors

@@ -13,7 +13,7 @@ import gradio as gr
 
 from ..events import Done, Metrics, Phase, Scores, Step
 from ..methods import METHODS, method_settings
-from . import engine, text
+from . import engine, own_examples, text
 from . import takeaway as takeaway_ui
 from .common import GPU, LIGHT, PRIVATE, Views, explain, key_of, status_line
 from .core import AppCore
@@ -57,6 +57,7 @@ class TeachTab:
     probes: gr.HTML
     extras: takeaway_ui.SessionExtras
     knob_names: list[str]
+    own: list[own_examples.OwnExample]
 
 
 def build(core: AppCore, views: Views) -> TeachTab:
@@ -82,7 +83,7 @@ def build(core: AppCore, views: Views) -> TeachTab:
                     gr.Markdown(text.PICK, elem_classes="lorsu-small")
                 with gr.Tab("Class cards", id="cards"):
                     gr.Markdown(text.UPLOAD_CARDS, elem_classes="lorsu-small")
-                    names, galleries, boxes = [], [], []
+                    names, galleries, boxes, own = [], [], [], []
                     for i in range(CARDS):
                         with gr.Group(visible=i < 2) as box:
                             names.append(
@@ -105,6 +106,7 @@ def build(core: AppCore, views: Views) -> TeachTab:
                                     show_label=False,
                                 )
                             )
+                            own.append(own_examples.build(core, i))
                         boxes.append(box)
                     shown = gr.State(2)
                     with gr.Row():
@@ -225,6 +227,7 @@ def build(core: AppCore, views: Views) -> TeachTab:
         probes=probes,
         extras=extras,
         knob_names=knob_names,
+        own=own,
     )
 
 
@@ -413,6 +416,7 @@ def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: li
         return status_line(core.stop(key_of(request)), "stopped")
 
     stop_btn.click(on_stop, None, [status], queue=False, **PRIVATE)
+    own_examples.wire(tab.own, tab.names, tab.galleries, tab.example, core, status)
 
 
 # ---- views ---------------------------------------------------------------------------------------
