@@ -3,6 +3,9 @@ size that a class card takes like an upload; blank pads and missing photos get a
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import conftest_ui  # noqa: F401  (Gradio's temp dir and analytics, before gradio loads)
 import numpy as np
 import pytest
 from PIL import Image
@@ -103,3 +106,39 @@ def test_polarity_reads_the_examples():
     glow.paste((0, 255, 255), (12, 4, 20, 28))
     assert drawing.polarity_of([ink, ink]) == drawing.DARK_ON_LIGHT
     assert drawing.polarity_of([glow, glow, ink]) == drawing.LIGHT_ON_DARK
+
+
+@pytest.fixture(scope="module")
+def toy_core(tmp_path_factory):
+    import torch
+
+    from lorsu_demo.model import ASSETS_DIR, load_bundle
+    from lorsu_demo.ui.core import AppCore
+
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("own")
+    return AppCore(load_bundle("toy"), None, ASSETS_DIR / "domains", work_dir=work)
+
+
+def test_the_app_keeps_an_added_drawing_at_the_models_size(toy_core):
+    from lorsu_demo.ui.core import UserError
+
+    path = Path(toy_core.add_own_example("browser", pad_value(True), "drawing"))
+    assert path.suffix == ".png" and path.parent.name == "own"
+    assert Image.open(path).size == (toy_core.bundle.image_size,) * 2 == (32, 32)
+    photo = np.random.default_rng(1).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    assert Image.open(toy_core.add_own_example("browser", photo, "photo")).size == (32, 32)
+    with pytest.raises(UserError, match="Draw something first"):
+        toy_core.add_own_example("browser", pad_value(False), "drawing")
+    with pytest.raises(UserError, match="Take a photo first"):
+        toy_core.add_own_example("browser", None, "photo")
+    with pytest.raises(UserError, match="a drawing or a photo"):
+        toy_core.add_own_example("browser", pad_value(True), "video")
+
+
+def test_the_pad_follows_the_picked_examples_polarity(toy_core):
+    from lorsu_demo.ui.own_examples import core_polarity
+
+    assert core_polarity(toy_core) == drawing.DARK_ON_LIGHT  # the control set: printed ink
+    assert core_polarity(toy_core, "handwritten") == drawing.DARK_ON_LIGHT
+    assert core_polarity(toy_core, "seven-segment") == drawing.LIGHT_ON_DARK
