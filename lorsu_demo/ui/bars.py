@@ -78,8 +78,9 @@ def confidence_html(result: dict, shown: int = SHOWN) -> str:
     readings = result["readings"]
     adapted, base = readings["adapted"], readings.get("base")
     version = result.get("version", 0)
-    who = "the base model" if not version else f"session {version}"
-    legend = _swatch(ADAPTED) + escape(f"Adapted ({who})")
+    legend = _swatch(ADAPTED) + (
+        f"Adapted (session {int(version)})" if version else "Version 0 (no sessions)"
+    )
     if base is not None:
         legend += _swatch(BASE) + "Base model"
     classes = adapted["classes"]
