@@ -145,8 +145,8 @@ def test_stale_results_are_cleared_after_a_stop_a_roll_back_and_new_data(served,
         assert "%" in page.inner_text("#lorsu-metrics")  # e.g. "33% → 33%" under TI
         tour.roll_back(page)
         page.get_by_role("tab", name="1 · Teach & watch").click()
-        cards = page.inner_text("#lorsu-metrics")
-        assert "Rolled back" in cards and "%" not in cards
+        page.wait_for_selector("#lorsu-metrics:has-text('Rolled back')", timeout=20000)
+        assert "%" not in page.inner_text("#lorsu-metrics")
 
         page.get_by_label("number input for Epochs").fill("30")
         page.get_by_label("number input for Epochs").press("Enter")
@@ -164,8 +164,8 @@ def test_stale_results_are_cleared_after_a_stop_a_roll_back_and_new_data(served,
         assert "%" in page.inner_text("#lorsu-metrics")
         page.get_by_label("Coloured squares: mixes", exact=True).check()
         tour.wait_status(page, "Data ready")
-        cards = page.inner_text("#lorsu-metrics")
-        assert "New data picked" in cards and "%" not in cards
+        page.wait_for_selector("#lorsu-metrics:has-text('New data picked')", timeout=20000)
+        assert "%" not in page.inner_text("#lorsu-metrics")
         assert not page.errors, page.errors
     finally:
         ctx.close()

@@ -90,6 +90,8 @@ def test_two_pages_of_one_browser_share_it_until_both_close(world):
     key, ws = core.attach("tab-a", None)
     _, same = core.attach("tab-b", key)
     assert same is ws
+    assert not core.store.disk.folder(key).exists()  # a page load alone writes nothing
+    core.select("tab-b", "colours")
     core.close("tab-a")
     assert key in core.store  # tab b still uses it
     core.close("tab-b")
@@ -101,6 +103,8 @@ def test_idle_workspaces_are_swept_from_memory_and_disk(world):
     core = make_core(world, state=world / "state-sweep", idle_hours=1)
     old_key, old = core.attach("old-page", None)
     new_key, _ = core.attach("new-page", None)
+    core.select("old-page", "colours")
+    core.select("new-page", "mixes")
     core.close("old-page")
     meta = core.store.disk.folder(old_key) / "meta.json"
     saved = json.loads(meta.read_text())

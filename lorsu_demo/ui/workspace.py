@@ -214,6 +214,10 @@ class Workspace:
     def touch(self) -> None:
         self.seen = time.time()
 
+    def empty(self) -> bool:
+        """Nothing worth keeping: no sessions, uploads, picked data or note."""
+        return not (len(self.history) or self.uploads or self.selected or self.interrupted)
+
 
 class DiskStore:
     """Workspaces on disk, one folder each, named by a digest of the browser key (the key
@@ -384,18 +388,22 @@ class Store:
             workspace = self._items.get(browser_key)
             if workspace is None and self.disk is not None:
                 workspace = self.disk.load(browser_key, self.check)
+                if workspace is not None:
+                    workspace.touch()
+                    self.save(workspace, history=False)  # a visit restarts the idle clock
             if workspace is None:
                 workspace = Workspace(browser_key, History(model=dict(self.model_source)))
             workspace.persistent = True
             self._items[browser_key] = workspace
             workspace.touch()
-            self.save(workspace, history=False)  # a visit counts as use: the idle clock restarts
             return workspace
 
     def save(self, workspace: Workspace, history: bool = True) -> None:
         """Write a browser's workspace to disk (nothing for a page-only one)."""
         if not workspace.persistent or self.disk is None:
             return
+        if workspace.empty() and not self.disk.folder(workspace.key).exists():
+            return  # a page load alone writes nothing (a script reloading cannot fill the disk)
         with self._lock:
             try:
                 self.disk.save(workspace, history)
