@@ -169,3 +169,23 @@ def test_stale_results_are_cleared_after_a_stop_a_roll_back_and_new_data(served,
         assert not page.errors, page.errors
     finally:
         ctx.close()
+
+
+def test_a_waiting_session_shows_its_place_and_an_eta(served, browser):
+    first_ctx, first = open_page(browser, served)
+    second_ctx, second = open_page(browser, served)
+    try:
+        tour.teach_and_train(first, "Coloured squares: colours")  # the estimate's basis
+        second.get_by_label("Coloured squares: mixes", exact=True).check()
+        tour.wait_status(second, "Data ready")
+        first.click("#lorsu-train")
+        first.wait_for_timeout(300)
+        second.click("#lorsu-train")
+        waiting = tour.wait_status(second, "in the line", 20000)
+        assert waiting.startswith("Waiting for the model: position 1 in the line")
+        assert "s to wait" in waiting and "median of the last" in waiting
+        assert "Done: session 1 saved" in tour.wait_status(second, "Done: session 1 saved")
+        assert not first.errors and not second.errors
+    finally:
+        first_ctx.close()
+        second_ctx.close()
