@@ -166,3 +166,47 @@ def test_a_drawing_becomes_a_training_image_of_its_class(page, served):
     assert "Your images (4 to train, 2 to test)" in ready, ready
     assert "2 classes" in page.inner_text("#lorsu-data")
     assert not page.errors, page.errors
+
+
+def test_a_webcam_photo_joins_its_class(served, browser):
+    """Chromium's fake camera (a test pattern) stands in for a webcam."""
+    url, root = served
+    camera_browser = browser.browser_type.launch(
+        executable_path=tour.CHROMIUM,
+        args=[*tour.CHROMIUM_ARGS, "--use-fake-device-for-media-stream"]
+        + ["--use-fake-ui-for-media-stream"],
+    )
+    try:
+        context = camera_browser.new_context(
+            viewport={"width": 1400, "height": 1000}, permissions=["camera"]
+        )
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(url)
+        page.get_by_role("tab", name="Class cards").click()
+        page.get_by_label("Class 2").fill("blue")
+        page.get_by_text("Draw or take a photo for class 2").click()
+        page.get_by_role("tab", name="Webcam").first.click()
+        page.click("#lorsu-add-photo-1")
+        assert "Take a photo first" in tour.wait_status(page, "Take a photo first")
+        page.locator("#lorsu-camera-1 [title='grant webcam access']").click()
+        # Capture only once the camera's stream shows frames.
+        page.wait_for_function(
+            "() => { const v = document.querySelector('#lorsu-camera-1 video');"
+            " return v && v.readyState >= 2 && v.videoWidth > 0; }",
+            timeout=tour.TIMEOUT_MS,
+        )
+        page.locator("#lorsu-camera-1 button[aria-label='capture photo']").first.click()
+        page.wait_for_selector("#lorsu-camera-1 img", timeout=tour.TIMEOUT_MS)  # the photo
+        page.click("#lorsu-add-photo-1")
+        said = tour.wait_status(page, "): 1 image")
+        assert said.startswith("Added your photo to class 2 (‘blue’)"), said
+        assert not errors, errors
+        # Looked at while the page is open: closing it drops its folder.
+        (photo,) = root.glob("work/lorsu-app-*/*/own/photo-*.png")
+        picture = Image.open(photo)
+        assert picture.size == (32, 32)
+        assert len(picture.getcolors(32 * 32)) > 2  # the camera's picture, not a blank
+    finally:
+        camera_browser.close()
