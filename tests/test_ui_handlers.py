@@ -452,3 +452,21 @@ def test_the_app_reads_accuracy_through_the_vlm_when_asked(core, monkeypatch):
     record = list(engine.session_worker(*args))[-1].record
     assert record.extra["reader"] == "mc"
     assert all(0 <= v <= 100 for v in record.accuracies.values())
+
+
+def test_two_images_per_class_give_a_valid_shots_slider(core, tmp_path):
+    """Two images per class (one kept to test on) leave one shot: the slider must still be one
+    Gradio accepts (maximum above minimum), fixed at that one shot."""
+    from lorsu_demo.ui.tab_teach import shots_update
+
+    reds = [save(tmp_path, f"r{i}.png", (0,), i) for i in range(2)]
+    blues = [save(tmp_path, f"b{i}.png", (2,), i) for i in range(2)]
+    data = core.upload("two-each", [Card("red", reds), Card("blue", blues)])
+    most = data.max_shots()
+    assert most == 1
+    update = shots_update(most)
+    assert update["maximum"] > 1 and update["value"] == 1 and update["interactive"] is False
+    import gradio as gr  # Gradio's own check, which the old update (maximum 1) failed
+
+    gr.Slider(1, update["maximum"], value=update["value"], step=1)
+    assert shots_update(8)["maximum"] == 8 and shots_update(8)["interactive"] is True

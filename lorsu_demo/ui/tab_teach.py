@@ -420,6 +420,13 @@ def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: li
 
 
 # ---- views ---------------------------------------------------------------------------------------
+def shots_update(most: int):
+    """The shots slider for data with at most `most` training images in its smallest class.
+    Gradio refuses a slider whose maximum is not above its minimum (1), so data of one training
+    image per class (two images per class, one kept to test on) gets a fixed slider at 1."""
+    return gr.update(maximum=max(2, most), value=min(5, most), interactive=most > 1)
+
+
 def data_view(views: Views, data) -> tuple:
     """(status, data info, table, gallery, shots, probes, metrics, curves, heatmap) for a
     picked or uploaded dataset: the last session's results are cleared (other data)."""
@@ -441,7 +448,7 @@ def data_view(views: Views, data) -> tuple:
         info,
         gr.update(value=rows, visible=True),
         gr.update(value=sample, visible=True),
-        gr.update(maximum=most, value=min(5, most)),
+        shots_update(most),
         views.probes(data.probes()),
         *views.cleared(f"New data picked ({data.title}): train a session to see its TI and CC."),
     )
