@@ -843,8 +843,12 @@ def main(argv=None):
     else:
         train_llm(vlm, processor, feats, labels, steps=args.llm_steps, lr=1e-3, **common)
     if args.mimic_steps > 0:
-        # Stage 3 starts from the weights as fp16 would store them, as `--llm-from` gives them.
-        vlm.half().float()
+        # Stage 3 starts from the weights as fp16 stores them, as `--llm-from` gives them. Only
+        # the parameters: a round trip of the whole module through half() would also round
+        # buffers that are not saved but recomputed on loading (the rotary inv_freq).
+        with torch.no_grad():
+            for param in vlm.parameters():
+                param.copy_(param.half().float())
         # Letters as the base encoder sees them, and what simulated sessions make of them,
         # labelled with what CLIP says of them (its guess), not with a true label: the LLM learns
         # to answer what the encoder's embedding means, wherever a session moves it.
