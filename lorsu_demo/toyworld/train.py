@@ -17,7 +17,7 @@
 4. Write `assets/toy/` (bundle.json, vlm/, clip/), `assets/control/`, `assets/domains/` and
    `assets/LICENSES.md`.
 
-Everything is seeded; on 2 CPU cores the whole recipe takes about 34 minutes (docs/toyworld.md).
+Everything is seeded; on 2 CPU cores the whole recipe takes about 33.5 minutes (docs/toyworld.md).
 """
 
 from __future__ import annotations
