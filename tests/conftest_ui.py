@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 _TEMP = Path(tempfile.mkdtemp(prefix="lorsu-ui-tests-"))
@@ -79,3 +80,36 @@ def make_core(root: Path, work: Path | None = None, state: Path | None = None, *
 
 
 FAST = {"batch_size": 4}
+
+
+@contextmanager
+def serving(core, as_the_app: bool = True):
+    """The app on `core`, served on a free local port, until the block ends: yields its url.
+    `as_the_app` launches it with the app's own settings (theme, CSS, upload limit); else with
+    Gradio's defaults."""
+    from lorsu_demo.ui.app import build_app, launch
+
+    demo = build_app(core)
+    if as_the_app:
+        launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    else:
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@contextmanager
+def chromium():
+    """Debian's Chromium, driven by Playwright, until the block ends."""
+    from playwright.sync_api import sync_playwright
+
+    from lorsu_demo.ui import tour
+
+    with sync_playwright() as playwright:
+        browser = tour.open_browser(playwright)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -5,32 +5,23 @@ import re
 
 import numpy as np
 import pytest
-from conftest_ui import make_core
+from conftest_ui import chromium, make_core, serving
 from PIL import Image
-from playwright.sync_api import sync_playwright
 
 from lorsu_demo.ui import tour
-from lorsu_demo.ui.app import build_app, launch
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui-browser")
-    core = make_core(root)
-    demo = build_app(core)
-    launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo.local_url, root
-    finally:
-        demo.close()
+    with serving(make_core(root)) as url:
+        yield url, root
 
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_playwright() as playwright:
-        browser = tour.open_browser(playwright)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_ui import FAST, make_core
+from conftest_ui import FAST, make_core, serving
 from gradio_client import Client, handle_file
-
-from lorsu_demo.ui.app import build_app
 
 QUESTION = "What is in this image?"
 
@@ -18,12 +16,8 @@ QUESTION = "What is in this image?"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     core = make_core(tmp_path_factory.mktemp("ui-client"))
-    demo = build_app(core)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    try:
-        yield core, demo.local_url
-    finally:
-        demo.close()
+    with serving(core, as_the_app=False) as url:
+        yield core, url
 
 
 @pytest.fixture(scope="module")

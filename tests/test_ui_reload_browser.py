@@ -3,32 +3,23 @@ another browser does not see them; a reload mid-session is reported on return; a
 viewport and dark mode keep every tab visible."""
 
 import pytest
-from conftest_ui import make_core
-from playwright.sync_api import sync_playwright
+from conftest_ui import chromium, make_core, serving
 
 from lorsu_demo.ui import tour
-from lorsu_demo.ui.app import build_app, launch
 
 TABS = ["1 · Teach & watch", "2 · Chat", "3 · Sessions", "4 · Compare", "How it works"]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ui-reload")
-    demo = build_app(make_core(root))
-    launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo.local_url
-    finally:
-        demo.close()
+    with serving(make_core(tmp_path_factory.mktemp("ui-reload"))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_playwright() as playwright:
-        browser = tour.open_browser(playwright)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 def open_page(browser, url, **context):
