@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest_ui import FAST, make_core
 
+from lorsu_demo.delta import DeltaError
 from lorsu_demo.events import Done
 from lorsu_demo.ui import engine, zerogpu
 from lorsu_demo.ui.core import UserError
@@ -246,6 +247,26 @@ def test_refusals_reach_the_screen_as_messages(core, monkeypatch):
     image = core.examples.get("colours").domain.test.items[0].image
     with pytest.raises(UserError, match="more GPU time than one call may have"):
         list(core.chat("refused", image, QUESTION))
+    monkeypatch.setattr(engine, "chat_worker", refusing(DeltaError("layer 9 does not exist")))
+    with pytest.raises(UserError, match="cannot be applied: layer 9 does not exist"):
+        list(core.chat("refused", image, QUESTION))
+
+    def raises(*args, **kwargs):
+        raise QUOTA
+
+    monkeypatch.setattr(engine, "confidence_worker", raises)
+    with pytest.raises(UserError, match="Your free ZeroGPU time"):
+        core.confidence("refused", image)
+    monkeypatch.setattr(engine, "export_worker", raises)
+    with pytest.raises(UserError, match="Your free ZeroGPU time"):
+        core.export_model("refused", None)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(engine, "export_worker", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):  # not a refusal: not hidden
+        core.export_model("refused", None)
 
 
 def test_a_stopped_child_does_not_hang_the_caller(core, monkeypatch):

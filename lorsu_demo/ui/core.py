@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,24 @@ USER_ERRORS = (DataError, HistoryError, MethodError, ValueError)
 
 class UserError(Exception):
     """A problem the person can fix; the message says how."""
+
+
+@contextmanager
+def worker_refusals():
+    """A GPU worker's refusals as messages: a session's delta that does not fit this model (the
+    worker refuses it before writing any weight) and ZeroGPU's quota and duration refusals.
+    Anything else goes on as it is."""
+    try:
+        yield
+    except UserError:
+        raise
+    except DeltaError as err:
+        raise UserError(f"This session cannot be applied: {err}") from None
+    except Exception as err:
+        problem = zerogpu.gpu_problem(err)
+        if problem is None:
+            raise
+        raise UserError(problem) from None
 
 
 @dataclass
@@ -598,19 +617,13 @@ class AppCore:
         adapted, base = "", None
         worker = engine.chat_worker(picture, question, deltas, bool(with_base))
         try:
-            for which, text in worker:
-                if which == "adapted":
-                    adapted = text
-                else:
-                    base = text
-                yield adapted, base
-        except DeltaError as err:  # refused before any weight was written
-            raise UserError(f"This session cannot be applied: {err}") from None
-        except Exception as err:
-            problem = zerogpu.gpu_problem(err)
-            if problem is None:
-                raise
-            raise UserError(problem) from None
+            with worker_refusals():
+                for which, text in worker:
+                    if which == "adapted":
+                        adapted = text
+                    else:
+                        base = text
+                    yield adapted, base
         finally:
             worker.close()
 
@@ -635,17 +648,11 @@ class AppCore:
         else:
             raise UserError("Pick example data or upload images to see per-class confidence.")
         deltas = ws.folds.get(ws.history.deltas(version))
-        try:
-            readings = engine.confidence_worker(picture, classes, deltas, templates, with_base)
-        except ConfidenceError as err:  # e.g. a tokenizer without single-token letters
-            raise UserError(f"No confidence for this model: {err}") from None
-        except DeltaError as err:
-            raise UserError(f"This session cannot be applied: {err}") from None
-        except Exception as err:
-            problem = zerogpu.gpu_problem(err)
-            if problem is None:
-                raise
-            raise UserError(problem) from None
+        with worker_refusals():
+            try:
+                readings = engine.confidence_worker(picture, classes, deltas, templates, with_base)
+            except ConfidenceError as err:  # e.g. a tokenizer without single-token letters
+                raise UserError(f"No confidence for this model: {err}") from None
         return {"readings": readings, "version": version, "source": source}
 
     def chat_image(self, image):
@@ -761,13 +768,8 @@ class AppCore:
         shutil.rmtree(folder, ignore_errors=True)
         out = folder / f"{self.bundle.name}-session{version}.zip"
         deltas = ws.folds.get(ws.history.deltas(version))
-        try:
+        with worker_refusals():
             return Path(engine.export_worker(deltas, version, str(out)))
-        except Exception as err:
-            problem = zerogpu.gpu_problem(err)
-            if problem is None:
-                raise
-            raise UserError(problem) from None
 
     # ---- what the tables show --------------------------------------------------------------
     def version_choices(self, key: str | None) -> list[tuple[str, int]]:
