@@ -21,6 +21,7 @@ from lorsu_demo.history import History
 from lorsu_demo.ui import engine, figures, uploads
 from lorsu_demo.ui.core import UserError
 from lorsu_demo.ui.uploads import Card
+from lorsu_demo.vqa import names_class
 
 QUESTION = "What is in this image?"
 
@@ -55,6 +56,16 @@ def test_train_streams_events_and_saves_one_session(core):
     assert live.ti is not None and live.cc is not None and len(live.losses) == 6
     assert live.reader == "clip"  # the cards say what measured them
     assert set(live.answers) == {"base", "before", "after"}
+    # the probes were picked from the pool among the images the model answered wrong
+    pool = core.examples.get("colours").probe_pool()
+    picked = next(e for e in events if getattr(e, "picked", None) is not None).picked
+    assert len(live.probes) == len(picked) == 5 and set(picked) <= set(range(len(pool)))
+    assert [p.label for p in live.probes] == [pool[i].label for i in picked]
+    said = engine.probe_answers(core.bundle, pool, [])  # the base model: session 1
+    assert live.answers["before"] == [said[i] for i in picked]
+    wrong = sum(not names_class(a, p.label) for a, p in zip(said, pool))
+    shown = sum(not names_class(said[i], pool[i].label) for i in picked)
+    assert shown == min(5, wrong)
     ws = core.workspace("train")
     assert len(ws.history) == 1 and not ws.busy
     # the record carries every example domain and the control set (for the matrix)
@@ -391,8 +402,8 @@ def test_figures_and_html():
     assert "+12.5" in html and "lorsu-good" in html and "lorsu-bad" in html
     assert "needs a control set" in figures.metrics_html(1.0, None)
     assert "needs a control set" not in figures.metrics_html(None, None, control=True)
-    assert figures.names_label("it is a stop sign.", "stop sign")
-    assert not figures.names_label("a stopwatch", "stop")
+    assert figures.names_class("it is a stop sign.", "stop sign")
+    assert not figures.names_class("a stopwatch", "stop")
     probes = [engine.Probe(Image.new("RGB", (8, 8)), "red")]
     table = figures.probes_html(probes, {"base": ["a red"], "after": ["blue"]}, QUESTION)
     body = table.split("<tbody>")[1]
@@ -470,3 +481,29 @@ def test_two_images_per_class_give_a_valid_shots_slider(core, tmp_path):
 
     gr.Slider(1, update["maximum"], value=update["value"], step=1)
     assert shots_update(8)["maximum"] == 8 and shots_update(8)["interactive"] is True
+
+
+def test_probes_are_picked_where_the_model_is_wrong_one_class_at_a_time():
+    image = Image.new("RGB", (8, 8))
+    pool = [engine.Probe(image, label) for label in "abcdeabcdeabcde"]
+    right = {0: "an a", 2: "a c", 6: "a b", 12: "a c"}  # pool index: a right answer
+    answers = [right.get(i, "no idea") for i in range(len(pool))]
+    picked = engine.pick_probes(pool, answers, 5)
+    assert picked == [1, 3, 4, 5, 7]  # wrong ones, a class each: b d e a c (c's first is right)
+    # fewer wrong answers than probes: all wrong ones, then right ones fill in
+    answers = ["right " + p.label for p in pool]
+    answers[4] = answers[9] = "nothing"
+    picked = engine.pick_probes(pool, answers, 5)
+    assert {4, 9} <= set(picked) and len(picked) == 5
+    assert {pool[i].label for i in picked if i not in (4, 9)} == {"a", "b", "c"}
+    assert engine.pick_probes(pool[:2], ["x", "y"], 5) == [0, 1]
+
+
+def test_the_probe_pool_spreads_classes_and_starts_with_what_is_shown(core):
+    data = core.examples.get("colours")
+    pool = data.probe_pool()
+    classes = data.domain.test.classes
+    assert data.probes() == pool[:5] and len({p.label for p in pool}) == len(classes)
+    firsts = [p.label for p in pool[: len(classes)]]
+    assert sorted(firsts) == sorted(classes)  # one of each class before a second of any
+    assert len(pool) <= 30

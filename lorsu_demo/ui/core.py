@@ -141,6 +141,8 @@ class Live:
             self.cc, self.control_now = (event.cc, control) if control is not None else (None, None)
         elif isinstance(event, ProbeAnswers):
             self.answers.update(event.answers)
+            if event.picked is not None:  # the session chose its probes from the pool
+                self.probes = [self.probes[i] for i in event.picked]
             if event.stage == "before":
                 self.status = "Asking the probe images before training…"
 
@@ -415,7 +417,7 @@ class AppCore:
             yield self._failed(live, str(err))
             return
 
-        live.method, live.data, live.probes = method, data.name, data.probes()
+        live.method, live.data, live.probes = method, data.name, data.probe_pool()
         if ws.stop.is_set():
             yield self._stopped(live, "Stopped before it started: nothing changed.")
             return

@@ -43,6 +43,7 @@ from ..model import (
 )
 from ..session import planned_steps as session_steps
 from ..session import run_session
+from ..vqa import names_class
 from . import zerogpu
 
 try:  # Hugging Face ZeroGPU; a no-op elsewhere, and optional
@@ -54,6 +55,7 @@ log = logging.getLogger("lorsu_demo.ui")
 
 PROBE_QUESTION = "What is in this image?"
 PROBE_TOKENS = 12
+PROBES = 5  # shown in the probe table, picked from a larger pool
 CHAT_TOKENS = 48
 # Models above this many parameters are not zipped for a browser download (LLaVA is 7 B).
 MAX_EXPORT_PARAMS = 500_000_000
@@ -225,14 +227,19 @@ class Probe:
 
 @dataclass
 class ProbeAnswers:
-    """Answers to the probe images: stage "before" (base and current model) or "after"."""
+    """Answers to the probe images: stage "before" (base and current model) or "after".
+    `picked`: with "before", which images of the pool the session asks about (`pick_probes`)."""
 
     stage: str
     answers: dict[str, list[str]] = field(default_factory=dict)
+    picked: list[int] | None = None
     kind = "probes"
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "stage": self.stage, "answers": self.answers}
+        payload = {"kind": self.kind, "stage": self.stage, "answers": self.answers}
+        if self.picked is not None:
+            payload["picked"] = self.picked
+        return payload
 
 
 def probe_answers(bundle: Bundle, probes: list[Probe], deltas) -> list[str]:
@@ -245,6 +252,23 @@ def probe_answers(bundle: Bundle, probes: list[Probe], deltas) -> list[str]:
             [PROBE_QUESTION] * len(probes),
             max_new_tokens=PROBE_TOKENS,
         )
+
+
+def pick_probes(pool: list[Probe], answers: list[str], count: int = 5) -> list[int]:
+    """Which `count` images of the pool to show, so that a session's change can be seen:
+    those the model answers wrong come first, one per class before a second of any class;
+    images it already gets right fill what is left. Indices in pool order."""
+    wrong = [i for i, (p, a) in enumerate(zip(pool, answers)) if not names_class(a, p.label)]
+    right = [i for i in range(len(pool)) if i not in set(wrong)]
+    picked: list[int] = []
+    for group in (wrong, right):
+        for new_classes_only in (True, False):
+            for i in group:
+                seen = {pool[j].label for j in picked}
+                if len(picked) < count and i not in picked:
+                    if not new_classes_only or pool[i].label not in seen:
+                        picked.append(i)
+    return sorted(picked)
 
 
 def default_reader() -> str:
@@ -286,10 +310,12 @@ def session_worker(
     with borrow() as bundle:  # this call's copy of the model
         probes = list(probes)
         deltas = history.deltas()
-        if probes:
-            base = probe_answers(bundle, probes, [])
-            now = probe_answers(bundle, probes, deltas) if deltas else base
-            yield ProbeAnswers("before", {"base": base, "before": now})
+        if probes:  # a pool: the model's answers to it choose the probes
+            now = probe_answers(bundle, probes, deltas)
+            picked = pick_probes(probes, now, PROBES)
+            probes, now = [probes[i] for i in picked], [now[i] for i in picked]
+            base = probe_answers(bundle, probes, []) if deltas else now
+            yield ProbeAnswers("before", {"base": base, "before": now}, picked)
         events = run_session(
             bundle,
             history,

@@ -10,7 +10,6 @@ import base64
 import html
 import io
 import math
-import re
 
 import matplotlib
 
@@ -19,6 +18,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from ..vqa import names_class  # noqa: E402
 
 INK = "#1f2937"
 MUTED = "#6b7280"
@@ -385,13 +386,6 @@ def image_data_uri(image: Image.Image, size: int = 72) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def names_label(answer: str, label: str) -> bool:
-    words = re.findall(r"[a-z0-9]+", answer.lower())
-    wanted = re.findall(r"[a-z0-9]+", label.lower())
-    n = len(wanted)
-    return n > 0 and any(words[i : i + n] == wanted for i in range(len(words) - n + 1))
-
-
 def probes_html(probes, answers: dict[str, list[str]], question: str) -> str:
     """A table: probe image, its class, and what each model version answered."""
     if not probes:
@@ -411,7 +405,7 @@ def probes_html(probes, answers: dict[str, list[str]], question: str) -> str:
                 cells.append('<td class="lorsu-wait">…</td>')
                 continue
             text = values[index] if index < len(values) else ""
-            ok = names_label(text, probe.label)
+            ok = names_class(text, probe.label)
             mark = "&#10004;" if ok else "&#10008;"
             cells.append(
                 f'<td class="{"lorsu-ok" if ok else "lorsu-no"}"><span class="lorsu-mark">'
@@ -427,7 +421,7 @@ def probes_html(probes, answers: dict[str, list[str]], question: str) -> str:
         if values is None:
             totals.append("<td></td>")
             continue
-        right = sum(names_label(v, p.label) for v, p in zip(values, probes))
+        right = sum(names_class(v, p.label) for v, p in zip(values, probes))
         totals.append(f"<td><b>{right} of {len(probes)} right</b></td>")
     foot = f"<tfoot><tr><td></td><td></td>{''.join(totals)}</tr></tfoot>"
     return (

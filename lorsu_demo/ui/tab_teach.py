@@ -17,7 +17,7 @@ from . import engine, own_examples, text
 from . import takeaway as takeaway_ui
 from .common import GPU, LIGHT, PRIVATE, Views, explain, key_of, status_line
 from .core import AppCore
-from .engine import ProbeAnswers
+from .engine import PROBES, ProbeAnswers
 from .uploads import Card
 
 CARDS = 8
@@ -356,7 +356,7 @@ def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: li
                     views.metrics(live),
                     views.curves(live),
                     views.scores(None),
-                    views.probes(live.probes, {}),
+                    views.probes(live.probes[:PROBES], {}),
                     *buttons,
                     *[gr.skip()] * 7,
                 )

@@ -105,8 +105,10 @@ HEATMAP = (
 )
 
 PROBES = (
-    "**Probe images:** the same test images are shown to the untouched base model, the model "
-    "before this session and after it."
+    "**Probe images:** when you press Train, five test images are picked that the model gets "
+    "wrong before the session (one per class where it can; ones it gets right fill in when "
+    "there are too few), then shown to the untouched base model, the model before this session "
+    "and after it. They are picked to make the change visible: TI above is the fair measure."
 )
 
 CHAT = (

@@ -31,12 +31,13 @@ from ..data import DataError, Domain, Item, LabelledImages, load_domain
 from ..evaluate import EvalSet
 from ..history import History, HistoryError
 from ..stack import FoldCache
-from .engine import Probe
+from .engine import PROBES, Probe
 
 log = logging.getLogger("lorsu_demo.ui")
 
 IDLE_SECONDS = 6 * 3600
-PROBES = 5
+PROBE_POOL = 30  # images answered once per session to pick the probes from
+PROBE_POOL_PER_CLASS = 3
 # A browser key: what `new_browser_key` makes (32 bytes, URL-safe base64). Anything else a
 # browser sends is ignored and replaced, so a key never names a path or grows unbounded.
 BROWSER_KEY = re.compile(r"[A-Za-z0-9_-]{43}")
@@ -127,17 +128,29 @@ class Dataset:
         return LabelledImages(f"{self.name} ({shots} per class)", items)
 
     def probes(self, count: int = PROBES) -> list[Probe]:
-        """A few test images of different classes, the same ones every time."""
+        """What the probe table shows before a session: the pool's first images, of different
+        classes."""
+        return self.probe_pool()[:count]
+
+    def probe_pool(self, per_class: int = PROBE_POOL_PER_CLASS, most: int = PROBE_POOL) -> list:
+        """Test images a session picks its probes from (`engine.pick_probes`), the same ones
+        every time: round by round, the next test image of each class, with classes in an
+        order that spreads the first `PROBES` over the class list."""
         classes = self.domain.test.classes
         if not classes:
             return []
-        picks = sorted({round(i * len(classes) / count) for i in range(count)})
-        probes = []
-        for index in picks[:count]:
-            label = classes[min(index, len(classes) - 1)]
-            item = next(i for i in self.domain.test.items if i.label == label)
-            probes.append(Probe(item.image, label))
-        return probes
+        spread = sorted({round(i * len(classes) / PROBES) for i in range(PROBES)})
+        order = list(dict.fromkeys(classes[min(i, len(classes) - 1)] for i in spread))
+        order += [label for label in classes if label not in order]
+        by_class = {label: [] for label in order}
+        for item in self.domain.test.items:
+            by_class[item.label].append(item)
+        pool = []
+        for round_ in range(per_class):
+            for label in order:
+                if round_ < len(by_class[label]):
+                    pool.append(Probe(by_class[label][round_].image, label))
+        return pool[:most]
 
 
 def read_title(folder: Path) -> tuple[str, str]:
