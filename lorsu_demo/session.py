@@ -51,6 +51,10 @@ class SessionContext:
             ]
         )
         self.augment = Augment()
+        # The temperature is frozen (never in a footprint): read once per session. Reading it
+        # per loss (`bundle.logit_scale` is a float) made every step and every batch of the
+        # importance pass wait for the device on CUDA.
+        self.logit_scale = self.bundle.logit_scale
 
     @property
     def batch_size(self) -> int:
@@ -96,7 +100,13 @@ class SessionContext:
         self, names: list[str], objective: str = "clip"
     ) -> dict[str, torch.Tensor]:
         """Mean signed gradient of the objective over the session's images (no augmentation),
-        weighted by batch size; squaring, if any, is the caller's business."""
+        weighted by batch size; squaring, if any, is the caller's business.
+
+        One forward and one backward per batch of `batch_size` images (SPEC section 2: the
+        in-batch loss depends on what a batch holds, so the batches are the definition's, not a
+        speed choice), the gradients accumulating on the device. Nothing in the loop reads a
+        value back to the host: on CUDA the images go to the device from pinned memory without
+        waiting, and the batches queue one after the other."""
         state = self.bundle.vision_state()
         params = {n: state[n] for n in names}
         for p in params.values():
@@ -105,14 +115,18 @@ class SessionContext:
         chosen = self.importance_order()
         limit = len(chosen)
         pixels = normalise(self.unit_pixels[chosen], self.bundle.clip_image_processor)
+        device = self.bundle.device
+        if device.type == "cuda":
+            pixels = pixels.pin_memory()
         labels = self.label_ids[chosen]
         template = torch.arange(limit) % len(self.templates)
         texts = self.text_bank[template, labels]
         try:
             for start in range(0, limit, self.batch_size):
                 part = slice(start, start + self.batch_size)
-                loss = self.loss(pixels[part], labels[part], texts[part], objective)
-                (loss * len(labels[part]) / limit).backward()
+                images = pixels[part].to(device, non_blocking=True)
+                loss = self.loss(images, labels[part], texts[part], objective)
+                (loss * len(images) / limit).backward()
             return {n: p.grad.detach().clone() for n, p in params.items()}
         finally:
             for p in params.values():
@@ -154,18 +168,19 @@ def planned_steps(images: int, settings: dict) -> int:
 
 def _clip_objective(ctx, pixels, labels, texts):
     features = ctx.bundle.image_features(pixels)
+    multi_positive = ctx.method.hp["multi_positive"]
     return clip_loss(
         features,
         texts.to(features.device),
-        labels.to(features.device),
-        ctx.bundle.logit_scale,
-        ctx.method.hp["multi_positive"],
+        labels.to(features.device) if multi_positive else labels,  # the paper's loss: unused
+        ctx.logit_scale,
+        multi_positive,
     )
 
 
 def _spu_objective(ctx, pixels, labels, texts):
     features = ctx.bundle.image_features(pixels)
-    return logit_norm_surrogate(features, texts.to(features.device), ctx.bundle.logit_scale)
+    return logit_norm_surrogate(features, texts.to(features.device), ctx.logit_scale)
 
 
 AUTOCAST = {"bf16": "bfloat16"}

@@ -41,11 +41,17 @@ class LoRSU(Method):
         names = [state_name(l, f"self_attn.{p}.weight") for l in layers for p in QKV]
         names += [state_name(l, "mlp.fc1.weight") for l in layers]
         grads = ctx.importance_gradient(names, self.objective)
-        self.head_scores = torch.zeros(bundle.num_layers, heads)
+        # Summed on the gradients' device and read back once (not once per tensor).
+        per_layer = {}
         for l in layers:
+            total = torch.zeros(heads, device=grads[names[0]].device)
             for p in QKV:
                 rows = grads[state_name(l, f"self_attn.{p}.weight")].float()
-                self.head_scores[l] += rows.view(heads, -1).pow(2).sum(1).cpu()
+                total += rows.view(heads, -1).pow(2).sum(1)
+            per_layer[l] = total
+        self.head_scores = torch.zeros(bundle.num_layers, heads)
+        if per_layer:
+            self.head_scores[layers] = torch.stack([per_layer[l] for l in layers]).cpu()
         rng = random.Random(ctx.seed)
         self.selected: list[list[int]] = [[] for _ in range(bundle.num_layers)]
         for l in layers:
