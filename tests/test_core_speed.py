@@ -140,3 +140,39 @@ def test_freed_cpu_memory_is_kept_for_the_next_step():
         step()
     # glibc's defaults trim the freed 18 MB every step: 4,320 faults a step on the dev VM.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 8 * 540
+
+
+def test_evaluations_skip_the_last_layers_unread_rows_with_the_same_features(bundle):
+    """Without gradients the last layer's output projection and MLP run for the first rows
+    only (the pooled class token reads nothing else): the features are bit-identical to the
+    whole forward's, for any batch size."""
+    from lorsu_demo.model import class_token_pooled
+
+    def whole(pixels):
+        pooled = bundle.vision(pixel_values=pixels).pooler_output
+        return torch.nn.functional.normalize(bundle.clip.visual_projection(pooled), dim=-1)
+
+    size = bundle.image_size
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in (1, 2, 3, 5, 16, 64):
+            pixels = torch.randn(n, 3, size, size, generator=generator)
+            assert class_token_pooled(bundle.vision, pixels) is not None
+            assert torch.equal(bundle.image_features(pixels), whole(pixels)), n
+    # Gradients, hooks or a method's own modules in the layer: the whole layer, as before.
+    pixels = torch.randn(4, 3, size, size, generator=generator)
+    assert class_token_pooled(bundle.vision, pixels) is None
+    last = bundle.layers[-1]
+    with torch.no_grad():
+        handle = last.mlp.fc1.register_forward_hook(lambda *args: None)
+        try:
+            assert class_token_pooled(bundle.vision, pixels) is None
+        finally:
+            handle.remove()
+        original = last.mlp.fc1
+        last.mlp.fc1 = type("Experts", (torch.nn.Module,), {"forward": original.forward})()
+        try:
+            assert class_token_pooled(bundle.vision, pixels) is None
+        finally:
+            last.mlp.fc1 = original
+        assert class_token_pooled(bundle.vision, pixels) is not None
