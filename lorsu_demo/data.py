@@ -418,9 +418,66 @@ class Augment:
     grey_p: float = 0.2
 
     def __call__(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return torch.stack([self._one(p, generator) for p in pixels])
+        """`one` for every image, the colour transforms run on the whole batch at once.
 
-    def _one(self, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        The same draws in the same order (all of an image's, then the next image's), then the
+        same arithmetic on every pixel: bit-identical to `one` image by image
+        (tests/test_core_speed.py), with 1,243 tensor operations for a toy batch of 16 instead
+        of 2,124 (740 of them are the scalar random draws)."""
+        if not len(pixels):
+            return pixels.clone()
+        _, _, height, width = pixels.shape
+        draws = [self._draw(height, width, generator) for _ in pixels]
+        out = torch.stack([_crop_resize(image, d) for image, d in zip(pixels, draws)])
+        jittered = [i for i, d in enumerate(draws) if d["jitter"] is not None]
+        if jittered:
+            out[jittered] = self._jitter_batch(out[jittered], [draws[i] for i in jittered])
+        grey = [i for i, d in enumerate(draws) if d["grey"]]
+        if grey:
+            out[grey] = _grey_batch(out[grey]).expand(-1, 3, -1, -1)
+        return out.clamp(0, 1)
+
+    def _draw(self, height: int, width: int, g: torch.Generator) -> dict:
+        """One image's random draws, as `one` makes them."""
+
+        def uniform(low, high):
+            return low + (high - low) * float(torch.rand((), generator=g))
+
+        area = height * width * uniform(*self.crop_scale)
+        ratio = float(np.exp(uniform(np.log(3 / 4), np.log(4 / 3))))
+        crop_w = min(width, max(1, round((area * ratio) ** 0.5)))
+        crop_h = min(height, max(1, round((area / ratio) ** 0.5)))
+        top = int(torch.randint(0, height - crop_h + 1, (), generator=g))
+        left = int(torch.randint(0, width - crop_w + 1, (), generator=g))
+        jitter = None
+        if float(torch.rand((), generator=g)) < self.jitter_p:
+            b, c, s, h = self.jitter
+            jitter = (uniform(1 - b, 1 + b), uniform(1 - c, 1 + c), uniform(1 - s, 1 + s))
+            jitter += (uniform(-h, h),)
+        grey = float(torch.rand((), generator=g)) < self.grey_p
+        return {"box": (top, left, crop_h, crop_w), "jitter": jitter, "grey": grey}
+
+    @staticmethod
+    def _jitter_batch(images: torch.Tensor, draws: list[dict]) -> torch.Tensor:
+        """`one`'s brightness, contrast, saturation and hue for a batch: per-image factors
+        as float32 columns (a Python float multiplies in float32 too), per-image means and
+        hue rotation matrices."""
+
+        def column(values):
+            return torch.tensor(values, dtype=images.dtype).view(-1, 1, 1, 1)
+
+        bright, contrast, saturation, hue = zip(*(d["jitter"] for d in draws))
+        images = images * column(bright)
+        means = _grey_batch(images).mean(dim=(1, 2, 3), keepdim=True)
+        images = (images - means) * column(contrast) + means
+        grey = _grey_batch(images)
+        images = (images - grey) * column(saturation) + grey
+        rotations = torch.tensor([_hue_rotation(turns) for turns in hue])
+        return torch.einsum("nij,njhw->nihw", _FROM_YIQ @ rotations @ _TO_YIQ, images)
+
+    def one(self, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The augmentation of one image (the definition; `__call__` does a batch)."""
+
         def uniform(low, high):
             return low + (high - low) * float(torch.rand((), generator=g))
 
@@ -459,10 +516,28 @@ def _grey(image: torch.Tensor) -> torch.Tensor:
     return (image * _GREY).sum(0, keepdim=True)
 
 
-def _rotate_hue(image: torch.Tensor, turns: float) -> torch.Tensor:
-    """Hue shift as a rotation of the chroma plane in YIQ space."""
+def _grey_batch(images: torch.Tensor) -> torch.Tensor:
+    """`_grey` of every image of a batch (N, 3, H, W) -> (N, 1, H, W)."""
+    return (images * _GREY).sum(1, keepdim=True)
+
+
+def _crop_resize(image: torch.Tensor, draw: dict) -> torch.Tensor:
+    _, height, width = image.shape
+    top, left, crop_h, crop_w = draw["box"]
+    image = image[:, top : top + crop_h, left : left + crop_w]
+    return torch.nn.functional.interpolate(
+        image[None], size=(height, width), mode="bilinear", align_corners=False
+    )[0]
+
+
+def _hue_rotation(turns: float) -> list[list[float]]:
     angle = 2 * np.pi * turns
     cos, sin = float(np.cos(angle)), float(np.sin(angle))
-    rotate = torch.tensor([[1.0, 0, 0], [0, cos, -sin], [0, sin, cos]])
+    return [[1.0, 0, 0], [0, cos, -sin], [0, sin, cos]]
+
+
+def _rotate_hue(image: torch.Tensor, turns: float) -> torch.Tensor:
+    """Hue shift as a rotation of the chroma plane in YIQ space."""
+    rotate = torch.tensor(_hue_rotation(turns))
     matrix = _FROM_YIQ @ rotate @ _TO_YIQ
     return torch.einsum("ij,jhw->ihw", matrix, image)

@@ -176,3 +176,18 @@ def test_evaluations_skip_the_last_layers_unread_rows_with_the_same_features(bun
         finally:
             last.mlp.fc1 = original
         assert class_token_pooled(bundle.vision, pixels) is not None
+
+
+def test_the_batched_augmentation_is_the_per_image_one_bit_for_bit():
+    """`Augment()(batch)` draws what `one` draws image by image, in the same order, and gives
+    the same pixels (the colour transforms run on the whole batch)."""
+    from lorsu_demo.data import Augment
+
+    augment = Augment()
+    for seed in range(60):
+        n, size = 1 + seed % 17, (32, 48)[seed % 2]
+        pixels = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1000 + seed))
+        one, batch = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        expected = torch.stack([augment.one(image, one) for image in pixels])
+        assert torch.equal(augment(pixels, batch), expected), seed
+        assert torch.equal(one.get_state(), batch.get_state())  # the same draws
