@@ -191,3 +191,42 @@ def test_the_batched_augmentation_is_the_per_image_one_bit_for_bit():
         expected = torch.stack([augment.one(image, one) for image in pixels])
         assert torch.equal(augment(pixels, batch), expected), seed
         assert torch.equal(one.get_state(), batch.get_state())  # the same draws
+
+
+def test_flat_adam_is_torchs_foreach_adam_bit_for_bit():
+    """One flat buffer for all trainable tensors, the same arithmetic element by element:
+    parameters bit-identical to torch's foreach Adam step after step, under a schedule, and
+    when a tensor gets no gradient for a while (Adam skips it, its step count stays behind)."""
+    from lorsu_demo.session import FlatAdam
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        shapes = [(512, 128), (512,), (64, 128), (128, 64), (128,), (64, 64)]
+        start = [torch.randn(s, generator=generator) * 0.05 for s in shapes]
+        ours = [torch.nn.Parameter(t.clone()) for t in start]
+        theirs = [torch.nn.Parameter(t.clone()) for t in start]
+        assert FlatAdam.applies(ours)
+        flat = FlatAdam(ours, lr=7e-4)
+        reference = torch.optim.Adam(theirs, lr=7e-4, weight_decay=0.0, foreach=True)
+        schedules = [
+            torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in (flat, reference)
+        ]
+        for step in range(12):
+            for params in (ours, theirs):
+                for i, p in enumerate(params):
+                    skipped = i == 3 and 4 <= step < 7  # no gradient for three steps
+                    g = torch.Generator().manual_seed(100 * step + i)
+                    p.grad = None if skipped else torch.randn(p.shape, generator=g) * 1e-3
+            flat.step()
+            reference.step()
+            for schedule in schedules:
+                schedule.step()
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), step
+        # Not where the elements could fall in other vector chunks, nor on more threads.
+        assert not FlatAdam.applies([torch.nn.Parameter(torch.zeros(100))])
+        torch.set_num_threads(2)
+        assert not FlatAdam.applies(ours)
+    finally:
+        torch.set_num_threads(before)
