@@ -230,3 +230,34 @@ def test_flat_adam_is_torchs_foreach_adam_bit_for_bit():
         assert not FlatAdam.applies(ours)
     finally:
         torch.set_num_threads(before)
+
+
+def test_images_at_the_models_size_skip_the_processor_with_the_same_pixels(bundle):
+    """RGB images already at the model's size: the processor's resize and crop change nothing,
+    its rescale is done for all at once, bit-identical; anything else goes to the processor."""
+    import numpy as np
+    from PIL import Image
+
+    from lorsu_demo.data import _unit_pixels_as_is, to_unit_pixels
+
+    processor = bundle.clip_image_processor
+    side = bundle.image_size
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(40)
+    ]
+    images += [Image.new("RGB", (side, side), (255, 255, 255)), Image.new("RGB", (side, side))]
+
+    def processed(pictures):
+        out = processor(images=pictures, do_normalize=False, return_tensors="pt")
+        return out["pixel_values"].float()
+
+    fast = _unit_pixels_as_is(images, processor)
+    assert fast is not None and torch.equal(fast, processed(images))
+    other = Image.fromarray(rng.integers(0, 256, (side + 8, side - 3, 3), dtype=np.uint8))
+    grey = Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8))
+    for odd in (other, grey, images[0].convert("RGBA")):
+        assert _unit_pixels_as_is([*images[:3], odd], processor) is None
+        assert torch.equal(
+            to_unit_pixels([*images[:3], odd], processor), processed([*images[:3], odd])
+        )
