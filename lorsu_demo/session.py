@@ -158,18 +158,22 @@ class SessionContext:
 
 
 class FlatAdam(torch.optim.Adam):
-    """torch's foreach Adam over one flat copy of all the trainable tensors (CPU, one thread):
-    one kernel per update operation for all of them, instead of one per tensor.
+    """torch's foreach Adam over one flat buffer of all the trainable entries (CPU, one
+    thread): one kernel per update operation for all of them, instead of one per tensor.
 
     A LoRSU step on the toy trains 46 tensors, and foreach Adam on the CPU loops over them:
     1,162 tensor operations a step, more than the forward's 1,002. Here the parameters and
-    gradients are gathered into one buffer each (two `cat`s), the same `torch.optim.adam.adam`
-    runs once on it, and the results are copied back: 136 operations. Adam works element
-    by element, so every element gets the same arithmetic as before, as long as it falls in the
-    same kind of vector chunk; hence only where every tensor's size is a multiple of 64 (the
-    toy's all are) and on one thread (`applies`): a seeded toy session is bit-identical.
-    A step where some tensor has no gradient (Adam skips it, its step count stays behind) runs
-    per tensor on views of the flat state, as torch's Adam would."""
+    gradients are gathered into one buffer each, the same `torch.optim.adam.adam` runs once on
+    it, and the results are copied back. Entries a method's mask keeps at zero gradient
+    (`masks`: 90% of fc1, the LoRA rows of unselected heads; 65% of the toy's 474,624) are
+    left out: Adam would leave them exactly as they are (zero moments, a zero step).
+
+    Adam works element by element, so every entry gets the same arithmetic as before as long
+    as it is computed in a vector chunk both ways: only where every tensor's size is a
+    multiple of 64 (the toy's all are), on one thread (`applies`), the buffer padded to a
+    multiple of 64. A seeded toy session is bit-identical. A step where some tensor has no
+    gradient (Adam skips it, its step count stays behind) runs per tensor on slices of the
+    flat state, as torch's Adam would."""
 
     ALIGN = 64
 
@@ -187,18 +191,41 @@ class FlatAdam(torch.optim.Adam):
             )
         )
 
-    def __init__(self, params, lr: float):
+    def __init__(self, params, lr: float, masks: dict | None = None):
         super().__init__(params, lr=lr, weight_decay=0.0, foreach=True)
         self.members = list(self.param_groups[0]["params"])
-        self.sizes = [p.numel() for p in self.members]
-        # Flat views of the parameters and of the buffer's pieces, made once.
+        masks = masks or {}
+        # Per member: its entries as a flat view, and which of them train (None: all).
         self.member_views = [p.detach().view(-1) for p in self.members]
-        self.flat = torch.cat(self.member_views)
-        self.flat_views = list(self.flat.split(self.sizes))
+        self.active = []
+        for p in self.members:
+            mask = masks.get(p)
+            index = None
+            if mask is not None:
+                index = mask.expand_as(p).reshape(-1).nonzero().squeeze(1)
+                if len(index) == p.numel():
+                    index = None
+            self.active.append(index)
+        self.sizes = [p.numel() if i is None else len(i) for p, i in zip(self.members, self.active)]
+        total = sum(self.sizes)
+        self.pad = torch.zeros(-total % self.ALIGN, dtype=torch.float32)
+        self.flat = torch.cat([*self._pieces(self.member_views), self.pad])
+        self.flat_views = list(self.flat.split([*self.sizes, len(self.pad)]))[: len(self.members)]
         self.flat_grad = torch.zeros_like(self.flat)
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
         self.steps = [0] * len(self.members)
+
+    def _pieces(self, flats: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [f if i is None else f.index_select(0, i) for f, i in zip(flats, self.active)]
+
+    def _put_back(self, chosen: list[int], values: list[torch.Tensor]) -> None:
+        whole = [k for k in chosen if self.active[k] is None]
+        if whole:
+            torch._foreach_copy_([self.member_views[k] for k in whole], [values[k] for k in whole])
+        for k in chosen:
+            if self.active[k] is not None:
+                self.member_views[k].index_copy_(0, self.active[k], values[k])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -214,33 +241,41 @@ class FlatAdam(torch.optim.Adam):
             eps=group["eps"],
             maximize=False,
         )
+        everyone = range(len(self.members))
         if all(p.grad is not None for p in self.members) and len(set(self.steps)) == 1:
-            torch.cat(self.member_views, out=self.flat)
-            torch.cat([p.grad.view(-1) for p in self.members], out=self.flat_grad)
+            torch.cat([*self._pieces(self.member_views), self.pad], out=self.flat)
+            grads = [p.grad.view(-1) for p in self.members]
+            torch.cat([*self._pieces(grads), self.pad], out=self.flat_grad)
             step = torch.tensor(float(self.steps[0]))
             _adam(
                 [self.flat], [self.flat_grad], [self.exp_avg], [self.exp_avg_sq], [], [step],
                 **settings,
             )  # fmt: skip
-            torch._foreach_copy_(self.member_views, self.flat_views)
+            self._put_back(list(everyone), self.flat_views)
             self.steps = [n + 1 for n in self.steps]
             return None
-        chosen = [i for i, p in enumerate(self.members) if p.grad is not None]
+        chosen = [k for k in everyone if self.members[k].grad is not None]
         if not chosen:
             return None
-        avgs, squares = self.exp_avg.split(self.sizes), self.exp_avg_sq.split(self.sizes)
-        steps = [torch.tensor(float(self.steps[i])) for i in chosen]
+        sizes = [*self.sizes, len(self.pad)]
+        avgs, squares = self.exp_avg.split(sizes), self.exp_avg_sq.split(sizes)
+        values = self._pieces(self.member_views)
+        values = [v.clone() if i is None else v for v, i in zip(values, self.active)]
+        grads = self._pieces(
+            [p.grad.view(-1) if p.grad is not None else p.detach().view(-1) for p in self.members]
+        )
         _adam(
-            [self.members[i] for i in chosen],
-            [self.members[i].grad for i in chosen],
-            [avgs[i].view_as(self.members[i]) for i in chosen],
-            [squares[i].view_as(self.members[i]) for i in chosen],
+            [values[k] for k in chosen],
+            [grads[k] for k in chosen],
+            [avgs[k] for k in chosen],
+            [squares[k] for k in chosen],
             [],
-            steps,
+            [torch.tensor(float(self.steps[k])) for k in chosen],
             **settings,
         )
-        for i in chosen:
-            self.steps[i] += 1
+        self._put_back(chosen, values)
+        for k in chosen:
+            self.steps[k] += 1
         return None
 
 
@@ -405,7 +440,7 @@ def run_session(
         # fused on CUDA, one flat buffer on one CPU thread (FlatAdam), foreach otherwise.
         cuda = bundle.device.type == "cuda"
         if not cuda and FlatAdam.applies(trainable):
-            optimizer = FlatAdam(trainable, lr=float(method.hp["lr"]))
+            optimizer = FlatAdam(trainable, lr=float(method.hp["lr"]), masks=method.masks)
         else:
             optimizer = torch.optim.Adam(
                 trainable,

@@ -194,9 +194,10 @@ def test_the_batched_augmentation_is_the_per_image_one_bit_for_bit():
 
 
 def test_flat_adam_is_torchs_foreach_adam_bit_for_bit():
-    """One flat buffer for all trainable tensors, the same arithmetic element by element:
-    parameters bit-identical to torch's foreach Adam step after step, under a schedule, and
-    when a tensor gets no gradient for a while (Adam skips it, its step count stays behind)."""
+    """One flat buffer for all trainable entries, the same arithmetic element by element:
+    parameters bit-identical to torch's foreach Adam step after step, under a schedule, with
+    masked entries left out, and when a tensor gets no gradient for a while (Adam skips it,
+    its step count stays behind)."""
     from lorsu_demo.session import FlatAdam
 
     before = torch.get_num_threads()
@@ -208,7 +209,14 @@ def test_flat_adam_is_torchs_foreach_adam_bit_for_bit():
         ours = [torch.nn.Parameter(t.clone()) for t in start]
         theirs = [torch.nn.Parameter(t.clone()) for t in start]
         assert FlatAdam.applies(ours)
-        flat = FlatAdam(ours, lr=7e-4)
+        # A method's masks (fc1's entries, a LoRA factor's rows): the masked entries get zero
+        # gradients, so Adam leaves them as they are; the flat buffer leaves them out.
+        entries = torch.rand(shapes[0], generator=generator) < 0.1
+        rows = torch.zeros(shapes[3][0], 1)
+        rows[16:48] = 1
+        masks = {0: entries.float(), 3: rows}
+        flat = FlatAdam(ours, lr=7e-4, masks={ours[i]: m for i, m in masks.items()})
+        assert len(flat.flat) < sum(p.numel() for p in ours)
         reference = torch.optim.Adam(theirs, lr=7e-4, weight_decay=0.0, foreach=True)
         schedules = [
             torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in (flat, reference)
@@ -219,6 +227,8 @@ def test_flat_adam_is_torchs_foreach_adam_bit_for_bit():
                     skipped = i == 3 and 4 <= step < 7  # no gradient for three steps
                     g = torch.Generator().manual_seed(100 * step + i)
                     p.grad = None if skipped else torch.randn(p.shape, generator=g) * 1e-3
+                    if p.grad is not None and i in masks:  # as Method.shape_gradients does
+                        p.grad.mul_(masks[i])
             flat.step()
             reference.step()
             for schedule in schedules:
