@@ -171,6 +171,7 @@ def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
         + ["--clip-steps", "2", "--llm-images", "2", "--llm-steps", "2", "--threads", "1"]
         + ["--domain-images", "5", "2"]
         + ["--mimic-steps", "2", "--mimic-sessions", "1", "--mimic-letters", "1"]
+        + ["--mimic-method-sessions", "1"]
     )
     written = load_bundle(str(tmp_path / "toy"))
     assert written.clip.vision_model is written.vlm.model.vision_tower

@@ -678,6 +678,84 @@ def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, log=print):
     return torch.cat(feats), torch.cat(guesses)
 
 
+def method_sessions(clip, clip_tokenizer, vlm, processor, count: int, seed: int, log=print):
+    """Like `simulated_sessions`, but each pretend session is a real default session of the app's
+    own method (`lorsu`, through `run_session` on a bundle saved from these models): the
+    features move as the app's sessions move them, sparse heads and fc1 rows, not as full
+    fine-tuning does. Letters are taught as base classes; the learning rate is drawn around the
+    toy's default."""
+    import tempfile
+
+    from PIL import Image
+
+    from lorsu_demo.data import Item, LabelledImages
+    from lorsu_demo.delta import applied
+    from lorsu_demo.evaluate import EvalSet
+    from lorsu_demo.events import Done
+    from lorsu_demo.history import History
+    from lorsu_demo.methods import make_method, method_settings, preset_defaults
+    from lorsu_demo.model import load_bundle
+    from lorsu_demo.session import run_session
+
+    letter_x, letter_y = letters_dataset(30, seed, split="sessions")
+    base_x, _ = base_dataset(8, seed, split="sessions")
+    letter_px, base_px = to_pixels(letter_x), to_pixels(base_x)
+    rng = np.random.default_rng([seed, 11])
+    feats, guesses = [], []
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as folder:
+        save_bundle(
+            folder, copy.deepcopy(clip), clip_tokenizer, copy.deepcopy(vlm), processor, DEFAULTS, 0
+        )
+        bundle = load_bundle(str(Path(folder) / "toy"), device="cpu")
+        text = class_text_embeddings(bundle.clip, clip_tokenizer)
+        vision, projection = bundle.clip.vision_model, bundle.clip.visual_projection
+        settings = method_settings("lorsu")
+        settings.update(preset_defaults("lorsu", DEFAULTS))
+        for s in range(count):
+            k = int(rng.integers(4, 11))
+            letters = rng.choice(len(LETTER_CLASSES), k, replace=False)
+            targets = rng.choice(len(BASE_CLASSES), k, replace=False)
+            names = {int(c): BASE_CLASSES[int(t)] for c, t in zip(letters, targets)}
+            shots = int(rng.integers(3, 11))
+            train_idx, test_idx = [], []
+            for c in letters:
+                rows = np.nonzero(letter_y == c)[0]
+                train_idx += list(rows[:shots])
+                test_idx += list(rows[shots:])
+
+            def images(rows, name, names=names):
+                return LabelledImages(
+                    name,
+                    [Item(Image.fromarray(letter_x[i]), names[int(letter_y[i])]) for i in rows],
+                )
+
+            target = EvalSet("letters", images(test_idx[::4], "letters"), sorted(names.values()))
+            lr = float(settings["lr"]) * float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+            method = make_method("lorsu", **{**settings, "lr": lr})
+            events = run_session(
+                bundle,
+                History(model="toy"),
+                method,
+                images(train_idx, "letters (train)"),
+                target=target,
+                seed=int(rng.integers(1 << 30)),
+                eval_points=0,
+            )
+            record = next(e for e in events if isinstance(e, Done)).record
+            with torch.no_grad(), applied(bundle.vision_state(), [record.delta]):
+                pixels = torch.cat([letter_px[test_idx], base_px])
+                f, g = read_features_and_guesses(vision, projection, text, pixels)
+                feats.append(f)
+                guesses.append(g)
+            if s % 10 == 0 or s == count - 1:
+                log(
+                    f"lorsu session {s + 1}/{count}: {k} letters, {shots} shots, lr {lr:.1e}, "
+                    f"TI {record.ti:+.1f} ({time.time() - t0:.0f}s)"
+                )
+    return torch.cat(feats), torch.cat(guesses)
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving
 
@@ -763,6 +841,18 @@ def main(argv=None):
     )
     ap.add_argument("--mimic-sessions", default=60, type=int, help="simulated sessions")
     ap.add_argument("--mimic-letters", default=40, type=int, help="letter images per letter")
+    ap.add_argument(
+        "--mimic-method-sessions",
+        default=0,
+        type=int,
+        help="simulated sessions that run the app's own lorsu",
+    )
+    ap.add_argument(
+        "--mimic-method-share",
+        default=0.5,
+        type=float,
+        help="their part of the simulated sessions' share",
+    )
     ap.add_argument(
         "--read-weight",
         default=1.0,
@@ -863,6 +953,14 @@ def main(argv=None):
         log(f"{len(letter_f)} letter and {len(session_f)} simulated-session samples for the LLM")
         pools = [(feats, labels), (letter_f, letter_g), (session_f, session_g)]
         shares = [1 - args.mimic_share, args.mimic_share * 0.25, args.mimic_share * 0.75]
+        if args.mimic_method_sessions > 0:
+            method_f, method_g = method_sessions(
+                clip, clip_tok, vlm, processor, args.mimic_method_sessions, args.seed, log
+            )
+            log(f"{len(method_f)} samples from sessions of the app's own method")
+            pools.append((method_f, method_g))
+            shares.append(shares[2] * args.mimic_method_share)
+            shares[2] -= shares[3]
         weights = torch.cat([torch.full((len(f),), w / len(f)) for (f, _), w in zip(pools, shares)])
         train_llm(
             vlm,
