@@ -574,9 +574,10 @@ def add_commands(commands) -> None:
     history.add_argument("--arch", default="llava-1.5-7b", choices=list(ARCHS))
     history.add_argument("--json", action="store_true", help="one line of JSON")
     history.set_defaults(func=cmd_history)
-    from .bench_classroom import add_classroom_command
+    from .bench_classroom import add_classroom_command, add_start_command
 
     add_classroom_command(kinds)
+    add_start_command(kinds)
 
 
 def cmd_history(args) -> int:

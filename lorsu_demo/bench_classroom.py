@@ -229,6 +229,40 @@ def write_doc(path: Path, block: str) -> None:
     path.write_text(text)
 
 
+def time_to_serve(runs: int = 3, model: str | None = None) -> dict:
+    """`python app.py` started `runs` times, each on a free port with its own state folder:
+    seconds from the start to the page's first HTTP 200 (polled every 0.1 s)."""
+    import tempfile
+
+    seconds = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="lorsu-start-") as folder:
+            port = free_port()
+            process = start_app(port, Path(folder), model, None)
+            try:
+                seconds.append(round(wait_until_served(process, port), 2))
+            finally:
+                process.terminate()
+                process.wait()
+                process.log.close()
+    ordered = sorted(seconds)
+    return {"runs": seconds, "median": ordered[len(ordered) // 2], "min": ordered[0]}
+
+
+def cmd_start(args) -> int:
+    result = time_to_serve(args.runs, args.model)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def add_start_command(kinds) -> None:
+    sub = kinds.add_parser("start", help="seconds from `python app.py` to its first HTTP 200")
+    sub.add_argument("--runs", type=int, default=3)
+    sub.add_argument("--model", default=None, help="the app's --model (default: its own)")
+    sub.add_argument("--json", action="store_true", help="one line of JSON")
+    sub.set_defaults(func=cmd_start)
+
+
 def add_classroom_command(kinds) -> None:
     sub = kinds.add_parser(
         "classroom", help="start the app and have N clients train one session each at once"

@@ -59,3 +59,31 @@ def test_the_command_prints_json_and_writes_the_page(tmp_path, capsys, monkeypat
     text = page.read_text()
     assert "--clients 1 --data mixes --shots 2 --epochs 1" in text
     assert f"after {printed['last_s']} s" in text
+
+
+def test_bench_start_reports_each_run_and_the_median(monkeypatch):
+    """`bench start`: one app per run, each stopped after its first 200; runs and median."""
+    from lorsu_demo import bench_classroom
+
+    started, stopped = [], []
+
+    class App:
+        log = type("Log", (), {"close": lambda self: None})()
+
+        def terminate(self):
+            stopped.append(1)
+
+        def wait(self):
+            return 0
+
+    def start_app(port, state, model, domains):
+        started.append((port, state))
+        return App()
+
+    times = iter([9.0, 7.5, 8.25])
+    monkeypatch.setattr(bench_classroom, "start_app", start_app)
+    monkeypatch.setattr(bench_classroom, "wait_until_served", lambda process, port: next(times))
+    result = bench_classroom.time_to_serve(runs=3)
+    assert result == {"runs": [9.0, 7.5, 8.25], "median": 8.25, "min": 7.5}
+    assert len(started) == len(stopped) == 3
+    assert len({state for _, state in started}) == 3  # a state folder of its own each time
