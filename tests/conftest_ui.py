@@ -22,6 +22,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from lorsu_demo.events import Done  # noqa: E402
+
 # Two colour worlds: the "example domains" the app offers, and a control set.
 PALETTES = {
     "colours": {"red": (0,), "green": (1,), "blue": (2,)},
@@ -57,6 +59,19 @@ def write_world(root: Path) -> tuple[Path, Path]:
         )
     write_classes(root / "control", CONTROL, 3, 99)
     return domains, root / "control"
+
+
+def record_of(pairs):
+    """The record of the session in a train() stream (its last status says why, if none)."""
+    done = [event for event, _ in pairs if isinstance(event, Done)]
+    assert done, [live.status for _, live in pairs][-1]
+    return done[-1].record
+
+
+def same_delta(a, b) -> bool:
+    return sorted(a.delta) == sorted(b.delta) and all(
+        torch.equal(a.delta[k].values, b.delta[k].values) for k in a.delta
+    )
 
 
 def make_core(root: Path, work: Path | None = None, state: Path | None = None, **kwargs):

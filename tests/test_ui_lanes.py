@@ -6,22 +6,9 @@ import threading
 from contextlib import contextmanager
 
 import torch
-from conftest_ui import FAST, make_core
+from conftest_ui import FAST, make_core, record_of, same_delta
 
-from lorsu_demo.events import Done
 from lorsu_demo.ui import engine, zerogpu
-
-
-def record_of(pairs):
-    done = [event for event, _ in pairs if isinstance(event, Done)]
-    assert done, [live.status for _, live in pairs][-1]
-    return done[-1].record
-
-
-def same_delta(a, b) -> bool:
-    return sorted(a.delta) == sorted(b.delta) and all(
-        torch.equal(a.delta[k].values, b.delta[k].values) for k in a.delta
-    )
 
 
 def test_two_sessions_on_two_copies_at_once_match_each_alone(tmp_path, monkeypatch):

@@ -9,10 +9,9 @@ import time
 
 import pytest
 import torch
-from conftest_ui import FAST, make_core
+from conftest_ui import FAST, make_core, record_of, same_delta
 
 from lorsu_demo.delta import DeltaError
-from lorsu_demo.events import Done
 from lorsu_demo.ui import engine, zerogpu
 from lorsu_demo.ui.core import UserError
 
@@ -85,18 +84,6 @@ def core(tmp_path_factory):
 
 def train(core, key, data, epochs=2):
     return list(core.train(key, data, "lorsu", 4, epochs, dict(FAST)))
-
-
-def record_of(pairs):
-    done = [event for event, _ in pairs if isinstance(event, Done)]
-    assert done, [live.status for _, live in pairs][-1]
-    return done[-1].record
-
-
-def same_delta(a, b) -> bool:
-    return sorted(a.delta) == sorted(b.delta) and all(
-        torch.equal(a.delta[k].values, b.delta[k].values) for k in a.delta
-    )
 
 
 def test_two_users_at_once_in_forked_workers_get_their_own_results(core, monkeypatch, tmp_path):
