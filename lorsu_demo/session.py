@@ -162,7 +162,7 @@ class FlatAdam(torch.optim.Adam):
     thread): one kernel per update operation for all of them, instead of one per tensor.
 
     A LoRSU step on the toy trains 46 tensors, and foreach Adam on the CPU loops over them:
-    1,162 tensor operations a step, more than the forward's 1,002. Here the parameters and
+    1,162 tensor operations a step, more than the forward's 1,002 (232 here). The parameters and
     gradients are gathered into one buffer each, the same `torch.optim.adam.adam` runs once on
     it, and the results are copied back. Entries a method's mask keeps at zero gradient
     (`masks`: 90% of fc1, the LoRA rows of unselected heads; 65% of the toy's 474,624) are
