@@ -73,11 +73,19 @@ def encoder_layers(vision: nn.Module) -> nn.ModuleList:
     raise TypeError(f"no encoder layers found in {type(vision).__name__}")
 
 
+def _capture_hook(hook) -> bool:
+    """One of the hooks transformers 5 puts on every layer the first time a model is asked for
+    its hidden states (LLaVA's features, every chat): they record only inside such a call."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+
+
 def _plain_module(module: nn.Module) -> bool:
-    """torch, transformers or peft's own code (no method's module), with no hooks on it."""
+    """torch, transformers or peft's own code (no method's module), with no hooks on it but
+    transformers' own output capturing."""
     origin = type(module).__module__
+    hooks = [h for h in module._forward_hooks.values() if not _capture_hook(h)]
     return origin.startswith(("torch.", "transformers.", "peft.")) and not (
-        module._forward_hooks or module._forward_pre_hooks
+        hooks or module._forward_pre_hooks
     )
 
 

@@ -155,6 +155,9 @@ def test_evaluations_skip_the_last_layers_unread_rows_with_the_same_features(bun
     size = bundle.image_size
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
+        # as after any chat: transformers has put its output-capturing hooks on every layer
+        bundle.vision(pixel_values=torch.zeros(1, 3, size, size), output_hidden_states=True)
+        assert any(m._forward_hooks for m in bundle.vision.modules())
         for n in (1, 2, 3, 5, 16, 64):
             pixels = torch.randn(n, 3, size, size, generator=generator)
             assert class_token_pooled(bundle.vision, pixels) is not None

@@ -44,7 +44,10 @@ def test_teach_train_watch_chat_roll_back(page):
     seen = tour.teach_and_train(page, "Coloured squares: colours")
     assert re.search(r"TI\s*[+-]\d+\.\d", seen["ti"]), seen["ti"]
     assert re.search(r"CC\s*[+-]\d+\.\d", seen["cc"]), seen["cc"]
-    assert seen["heatmap"] == 1 and seen["curves"] == 1 and seen["probes"] == 3
+    # five probes from a pool of three classes' test images (base, before, after: n of 5)
+    assert seen["heatmap"] == 1 and seen["curves"] == 1 and seen["probes"] == 5
+    assert all(re.fullmatch(r"\d of 5 right", t.strip()) for t in seen["probes_right"])
+    assert len(seen["probes_right"]) == 3, seen["probes_right"]
     assert page.locator("#lorsu-train").is_enabled()
     assert not page.locator("#lorsu-stop").is_enabled()
 
