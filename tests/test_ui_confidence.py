@@ -91,3 +91,44 @@ def test_bars_follow_the_theme_and_escape_names():
     assert "background:transparent" in html and "color:inherit" in html
     assert not re.search(r"(?<!-)color:\s*#", html) and "white" not in html
     assert 'data-p="0.750000" style="width:75.0%' in html
+
+
+def test_a_question_and_its_bars_are_one_model_call(core, monkeypatch):
+    """The Chat tab asks once: the answers, then the same readings `confidence` gives, from
+    the same worker call (on ZeroGPU each call costs a worker's start and quota)."""
+    from lorsu_demo.ui import engine
+
+    core.select("one-call", "seven-segment")
+    alone = core.confidence("one-call", str(IMAGE))
+    calls = []
+    chat_worker = engine.chat_worker
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return chat_worker(*args, **kwargs)
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("a second model call")
+
+    monkeypatch.setattr(engine, "chat_worker", counted)
+    monkeypatch.setattr(engine, "confidence_worker", not_called)
+    said = list(core.ask("one-call", str(IMAGE), "What is in the image?"))
+    kinds = [which for which, _ in said]
+    assert len(calls) == 1 and kinds[-2:] == ["base", "confidence"] and "adapted" in kinds
+    assert said[-1][1] == alone
+    assert [which for which, _ in core.ask("one-call", str(IMAGE), "Hi?", sure=False)][-1] == (
+        "base"
+    )
+
+
+def test_no_classes_to_read_leaves_the_answers_and_says_why(core, monkeypatch):
+    def none(ws):
+        raise UserError("Pick example data or upload images to see per-class confidence.")
+
+    monkeypatch.setattr(core, "confidence_classes", none)
+    said = list(core.ask("bare", str(IMAGE), "What is in the image?"))
+    assert said[0][0] == "adapted" and any(which == "base" for which, _ in said)
+    assert said[-1] == (
+        "confidence-error",
+        "Pick example data or upload images to see per-class confidence.",
+    )

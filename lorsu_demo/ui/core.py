@@ -605,6 +605,26 @@ class AppCore:
         with_base: bool = True,
     ) -> Iterator[tuple[str, str | None]]:
         """Yield (adapted answer, base answer or None) as they grow."""
+        adapted, base = "", None
+        for which, value in self.ask(key, image, question, version, with_base, sure=False):
+            if which == "adapted":
+                adapted = value
+            else:
+                base = value
+            yield adapted, base
+
+    def ask(
+        self,
+        key: str | None,
+        image,
+        question: str,
+        version: int | None = None,
+        with_base: bool = True,
+        sure: bool = True,
+    ) -> Iterator[tuple[str, object]]:
+        """A chat in one model call: ("adapted", text) as it grows, ("base", text), then with
+        `sure` ("confidence", `confidence()`'s dict) or ("confidence-error", message) when
+        there are no classes to read or the model cannot read them."""
         ws = self.workspace(key)
         if image is None or image == "":
             raise UserError("Add an image first: upload one, or click an example below.")
@@ -615,40 +635,50 @@ class AppCore:
             raise UserError("That question is long: keep it under 500 characters.")
         version = self.version(ws, version)
         picture = self.chat_image(image)
+        request = source = missing = None
+        if sure:
+            try:
+                classes, templates, source = self.confidence_classes(ws)
+                request = {"classes": classes, "templates": templates}
+            except UserError as err:
+                missing = str(err)
         deltas = ws.folds.get(ws.history.deltas(version))
-        adapted, base = "", None
-        worker = engine.chat_worker(picture, question, deltas, bool(with_base))
+        worker = engine.chat_worker(picture, question, deltas, bool(with_base), request)
         try:
             with worker_refusals():
-                for which, text in worker:
-                    if which == "adapted":
-                        adapted = text
-                    else:
-                        base = text
-                    yield adapted, base
+                for which, value in worker:
+                    if which == "confidence":
+                        value = {"readings": value, "version": version, "source": source}
+                    elif which == "confidence-error":
+                        value = f"No confidence for this model: {value}"
+                    yield which, value
         finally:
             worker.close()
+        if missing:
+            yield "confidence-error", missing
+
+    def confidence_classes(self, ws) -> tuple[list[str], list[str] | None, str]:
+        """(classes, templates, where they come from) for the confidence bars: the selected
+        data's, else the model's own labels, else its control set's."""
+        if ws.selected:
+            data = self.dataset(ws, None)
+            return list(data.classes), data.domain.templates, f"the classes of {data.title}"
+        if self.bundle.labels:
+            return list(self.bundle.labels), None, "the model's classes (no data picked)"
+        if self.controls:
+            classes = list(self.controls[0].classes)
+            return classes, None, "the control set's classes (no data picked)"
+        raise UserError("Pick example data or upload images to see per-class confidence.")
 
     def confidence(
         self, key: str | None, image, version: int | None = None, with_base: bool = True
     ) -> dict:
-        """Per-class confidence of a version (and the base) for a chat image: over the
-        selected data's classes, else the model's own (its labels, or its control set's)."""
+        """Per-class confidence of a version (and the base) for a chat image, over
+        `confidence_classes`; a call of its own (the page reads it with the answer, `ask`)."""
         ws = self.workspace(key)
         version = self.version(ws, version)
         picture = self.chat_image(image)
-        templates = None
-        if ws.selected:
-            data = self.dataset(ws, None)
-            classes, templates = list(data.classes), data.domain.templates
-            source = f"the classes of {data.title}"
-        elif self.bundle.labels:
-            classes, source = list(self.bundle.labels), "the model's classes (no data picked)"
-        elif self.controls:
-            classes = list(self.controls[0].classes)
-            source = "the control set's classes (no data picked)"
-        else:
-            raise UserError("Pick example data or upload images to see per-class confidence.")
+        classes, templates, source = self.confidence_classes(ws)
         deltas = ws.folds.get(ws.history.deltas(version))
         with worker_refusals():
             try:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..chat import answer, generate_answers, stream_answer
 from ..compare import second_reading
-from ..confidence import confidence
+from ..confidence import ConfidenceError, confidence
 from ..delta import applied
 from ..events import Done, Phase
 from ..history import History
@@ -343,8 +343,12 @@ def session_worker(
 
 
 @gpu(duration=zerogpu.CHAT_S)
-def chat_worker(image, question: str, deltas, with_base: bool) -> Iterator[tuple[str, str]]:
-    """Yield (which, text): the adapted model's answer as it grows, then the base model's."""
+def chat_worker(
+    image, question: str, deltas, with_base: bool, sure: dict | None = None
+) -> Iterator[tuple[str, object]]:
+    """Yield (which, value): ("adapted", text) as the adapted model's answer grows, then
+    ("base", text); with `sure` ({"classes", "templates"}), then ("confidence", readings) or
+    ("confidence-error", message) from the same call (one GPU call per question on ZeroGPU)."""
     with borrow() as bundle:  # this call's copy of the model
         text = ""
         for text in stream_answer(bundle, image, question, deltas, max_new_tokens=CHAT_TOKENS):
@@ -353,6 +357,18 @@ def chat_worker(image, question: str, deltas, with_base: bool) -> Iterator[tuple
             yield "adapted", ""
         if with_base:
             yield "base", answer(bundle, image, question, (), max_new_tokens=CHAT_TOKENS)
+        if sure is not None:
+            try:
+                readings = read_confidence(bundle, image, deltas, with_base, **sure)
+            except ConfidenceError as err:  # the answers stand; only the bars are missing
+                yield "confidence-error", str(err)
+            else:
+                yield "confidence", readings
+
+
+def read_confidence(bundle, image, deltas, with_base, classes, templates=None) -> dict:
+    readings = confidence(bundle, image, classes, deltas, templates=templates, with_base=with_base)
+    return {name: reading.to_dict() for name, reading in readings.items()}
 
 
 @gpu(duration=zerogpu.CHAT_S)
@@ -360,10 +376,7 @@ def confidence_worker(image, classes, deltas, templates=None, with_base: bool = 
     """Per-class confidence for one image (`confidence.confidence`), as plain dicts: a forward
     pass per reader and version, no generation, so a chat's budget is plenty."""
     with borrow() as bundle:
-        readings = confidence(
-            bundle, image, classes, deltas, templates=templates, with_base=with_base
-        )
-    return {name: reading.to_dict() for name, reading in readings.items()}
+        return read_confidence(bundle, image, deltas, with_base, classes, templates)
 
 
 def export_size_problem(bundle: Bundle) -> str | None:

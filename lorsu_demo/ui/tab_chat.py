@@ -133,18 +133,18 @@ def wire(tab: ChatTab, core: AppCore, status) -> None:
             chosen = core.version(core.workspace(key), version_value)
             who = "the base model" if chosen == 0 else f"session {chosen}"
             yield status_line(f"Asking {who}…", "busy"), "", "", ""
-            answer, base = "", None
-            for answer, base in core.chat(key, image, question_text, chosen, base_too):
-                yield gr.skip(), answer, base if base is not None else gr.skip(), gr.skip()
-            if not base_too:
-                base = ""
-            # Not "Answered by" yet: that status means everything is on screen.
-            yield status_line("Reading how sure each model is…", "busy"), answer, base or "", \
-                gr.skip()  # fmt: skip
-            try:
-                sure = bars.confidence_html(core.confidence(key, image, chosen, base_too))
-            except UserError as err:  # the answers stand; only the bars are missing
-                sure = f'<div class="lorsu-small">{escape(str(err))}</div>'
+            sure = ""
+            # one model call: the answers as they grow, then how sure each model is
+            for which, value in core.ask(key, image, question_text, chosen, base_too):
+                if which == "adapted":
+                    yield gr.skip(), value, gr.skip(), gr.skip()
+                elif which == "base":
+                    yield status_line("Reading how sure each model is…", "busy"), gr.skip(), \
+                        value, gr.skip()  # fmt: skip
+                elif which == "confidence":
+                    sure = bars.confidence_html(value)
+                else:  # the answers stand; only the bars are missing
+                    sure = f'<div class="lorsu-small">{escape(value)}</div>'
             yield status_line(f"Answered by {who}.", "done"), gr.skip(), gr.skip(), sure
         except UserError as err:
             yield status_line(str(err), "error"), gr.skip(), gr.skip(), gr.skip()
