@@ -83,6 +83,15 @@ def test_class_cards_and_the_history_file(page, served):
     page.wait_for_timeout(800)
     page.get_by_role("button", name="Use these images").first.click()
     assert "Your images (4 to train, 2 to test)" in tour.wait_status(page, "Data ready")
+    # a reload puts the cards back as they were used (their images as the app keeps them)
+    page.reload()
+    page.wait_for_timeout(2500)
+    page.get_by_role("tab", name="Class cards").click()
+    assert [page.get_by_label(f"Class {i}").input_value() for i in (1, 2)] == ["blue", "red"]
+    for card in (0, 1):
+        page.locator(f"#lorsu-card-{card} img").first.wait_for(timeout=10000)
+        assert page.locator(f"#lorsu-card-{card} img").count() == 3
+    assert "Training on: Your images" in page.inner_text("#lorsu-data")
     page.click("#lorsu-train")
     tour.wait_status(page, "Done: session 1 saved")
 

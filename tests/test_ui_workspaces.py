@@ -71,6 +71,8 @@ def test_a_restart_finds_the_workspace_by_its_key(world, tmp_path):
         for a, b in zip(up.domain.train.items, data.domain.train.items, strict=True)
     )
     assert again.chat_version == 0
+    assert data.from_cards and up.from_cards  # a reload puts the class cards back
+    assert {k: len(v) for k, v in up.card_images().items()} == {"blue": 4, "red": 4}
     # the restored history answers: the chat with session 1 runs on it
     answer, _ = list(restarted.chat("page-2", images(tmp_path, "q", (0,), 1)[0], "What?", 1))[-1]
     assert isinstance(answer, str)

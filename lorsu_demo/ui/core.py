@@ -322,7 +322,7 @@ class AppCore:
             raise UserError(str(err)) from None
         ws.uploads_made += 1
         title = f"Your images ({len(domain.train)} to train, {len(domain.test)} to test)"
-        data = Dataset.of(domain, title)
+        data = Dataset.of(domain, title, from_cards=not (zip_path or files))
         ws.uploads[name] = data
         ws.selected = name
         self.remember(ws)

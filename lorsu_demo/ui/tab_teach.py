@@ -104,6 +104,7 @@ def build(core: AppCore, views: Views) -> TeachTab:
                                     columns=5,
                                     height=150,
                                     show_label=False,
+                                    elem_id=f"lorsu-card-{i}",
                                 )
                             )
                             own.append(own_examples.build(core, i))
@@ -484,6 +485,10 @@ def restore_outputs(tab: TeachTab) -> list:
         tab.seed,
         tab.reader,
         tab.also,
+        tab.shown,
+        *tab.boxes,
+        *tab.names,
+        *tab.galleries,
     ]
 
 
@@ -518,6 +523,16 @@ def restore(core: AppCore, views: Views, tab: TeachTab, ws, note: dict | None) -
             note.get("reader") or gr.skip(),
             bool(note.get("also")),
         ]
+    if data is not None and data.from_cards:  # the cards as they were used, images as kept
+        cards = list(data.card_images().items())[:CARDS]
+        shown = max(2, len(cards))
+        n = len(keep) - 1 - 3 * CARDS
+        keep[n] = shown
+        keep[n + 1 : n + 1 + CARDS] = [gr.update(visible=i < shown) for i in range(CARDS)]
+        for i in range(CARDS):
+            name, images = cards[i] if i < len(cards) else ("", [])
+            keep[n + 1 + CARDS + i] = name
+            keep[n + 1 + 2 * CARDS + i] = images or None
     return keep
 
 

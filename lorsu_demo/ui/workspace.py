@@ -103,11 +103,26 @@ class Dataset:
     target: EvalSet
     example: bool = False
     description: str = ""
+    from_cards: bool = False  # made with the class cards: a reload puts the cards back
 
     @classmethod
-    def of(cls, domain: Domain, title: str, example: bool = False, description: str = ""):
+    def of(
+        cls,
+        domain: Domain,
+        title: str,
+        example: bool = False,
+        description: str = "",
+        from_cards: bool = False,
+    ):
         target = EvalSet(domain.name, domain.test, domain.classes, domain.templates)
-        return cls(domain.name, title, domain, target, example, description)
+        return cls(domain.name, title, domain, target, example, description, from_cards)
+
+    def card_images(self) -> dict[str, list]:
+        """Every kept image of each class (train, then test), as the class cards held them."""
+        cards: dict[str, list] = {label: [] for label in self.classes}
+        for item in [*self.domain.train.items, *self.domain.test.items]:
+            cards.setdefault(item.label, []).append(item.image)
+        return cards
 
     @property
     def classes(self) -> list[str]:
@@ -346,6 +361,7 @@ def _write_upload(where: Path, data: Dataset) -> None:
             rows.append([file, item.label, item.source])
         parts[part] = rows
     manifest = {"name": data.name, "title": data.title, "description": data.description}
+    manifest["from_cards"] = data.from_cards
     _write_json(where / "manifest.json", {**manifest, **parts})
 
 
@@ -360,7 +376,12 @@ def _read_upload(where: Path) -> Dataset:
                 items.append(Item(image.copy(), str(label), str(source)))
         parts[part] = LabelledImages(f"{manifest['name']}/{part}", items)
     domain = Domain(str(manifest["name"]), parts["train"], parts["test"])
-    return Dataset.of(domain, str(manifest["title"]), description=str(manifest["description"]))
+    return Dataset.of(
+        domain,
+        str(manifest["title"]),
+        description=str(manifest["description"]),
+        from_cards=manifest.get("from_cards") is True,
+    )
 
 
 class Store:
