@@ -142,3 +142,19 @@ def test_the_pad_follows_the_picked_examples_polarity(toy_core):
     assert core_polarity(toy_core) == drawing.DARK_ON_LIGHT  # the control set: printed ink
     assert core_polarity(toy_core, "handwritten") == drawing.DARK_ON_LIGHT
     assert core_polarity(toy_core, "seven-segment") == drawing.LIGHT_ON_DARK
+
+
+def test_pad_updates_switch_every_pad_to_the_examples_paper(toy_core):
+    """What a pick and a reload's restore send to the cards' pads."""
+    from lorsu_demo.ui.own_examples import pad_updates
+
+    side = drawing.canvas_side(toy_core.bundle.image_size)
+    for example, polarity in (
+        ("seven-segment", drawing.LIGHT_ON_DARK),
+        (None, drawing.DARK_ON_LIGHT),
+    ):
+        updates = pad_updates(toy_core, [object()] * 3, example)
+        assert len(updates) == 3
+        paper = updates[0]["value"]["background"]
+        assert paper.size == (side, side)
+        assert paper.getpixel((0, 0)) == drawing.PAPER[polarity]

@@ -148,7 +148,13 @@ def wire(
             )
 
     def on_example(name):
-        settings = pad_settings(side, core_polarity(core, name))
-        return [gr.update(**settings) for _ in own]
+        return pad_updates(core, own, name)
 
     example.input(on_example, [example], [card.pad for card in own], **PRIVATE, **LIGHT)
+
+
+def pad_updates(core: AppCore, own: list[OwnExample], example: str | None) -> list:
+    """Every card's pad switched to the paper and ink of `example` (a reload's restore too)."""
+    side = drawing.canvas_side(core.bundle.image_size)
+    settings = pad_settings(side, core_polarity(core, example))
+    return [gr.update(**settings) for _ in own]

@@ -489,6 +489,7 @@ def restore_outputs(tab: TeachTab) -> list:
         *tab.boxes,
         *tab.names,
         *tab.galleries,
+        *[card.pad for card in tab.own],
     ]
 
 
@@ -523,10 +524,12 @@ def restore(core: AppCore, views: Views, tab: TeachTab, ws, note: dict | None) -
             note.get("reader") or gr.skip(),
             bool(note.get("also")),
         ]
+    if data is not None and data.example:  # the pads' paper and ink follow it, as on a pick
+        keep[len(keep) - len(tab.own) :] = own_examples.pad_updates(core, tab.own, data.name)
     if data is not None and data.from_cards:  # the cards as they were used, images as kept
         cards = list(data.card_images().items())[:CARDS]
         shown = max(2, len(cards))
-        n = len(keep) - 1 - 3 * CARDS
+        n = len(keep) - 1 - 3 * CARDS - len(tab.own)
         keep[n] = shown
         keep[n + 1 : n + 1 + CARDS] = [gr.update(visible=i < shown) for i in range(CARDS)]
         for i in range(CARDS):
