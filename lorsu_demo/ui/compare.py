@@ -17,11 +17,10 @@ from ..compare import DEFAULT_METHODS, MethodResult
 from ..events import Step
 from ..methods import METHODS
 from . import figures
+from .common import LIGHT, PRIVATE
 from .compare_core import compare, keep
 from .core import UserError
 
-LIGHT = {"concurrency_limit": 8}
-PRIVATE = {"api_visibility": "private"}
 STATUS_EVERY = 0.3  # seconds between status-only updates
 
 INTRO = """Run several methods on **the same images, shots and seed**, each starting from your

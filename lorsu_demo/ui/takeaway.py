@@ -10,10 +10,9 @@ from dataclasses import dataclass
 import gradio as gr
 
 from .. import takeaway
+from .common import LIGHT, PRIVATE
 from .core import history_file_before
 
-PRIVATE = {"api_visibility": "private"}
-LIGHT = {"concurrency_limit": 8}
 READER_NAMES = {
     "clip": "CLIP zero-shot",
     "mc": "chat model, multiple choice",
