@@ -496,7 +496,11 @@ def restore_outputs(tab: TeachTab) -> list:
 def restore(core: AppCore, views: Views, tab: TeachTab, ws, note: dict | None) -> list:
     """The tab as a returning browser left it: its data picked, and the inputs of a session
     a reload cut short (`note`, from `core.take_interrupted`) back in step 2."""
-    keep = [gr.skip()] * len(restore_outputs(tab))
+    values: dict[int, object] = {}  # by component; what is not set is skipped
+
+    def put(components, new_values):
+        values.update((id(c), v) for c, v in zip(components, new_values, strict=True))
+
     data = None
     if ws.selected:
         try:
@@ -505,38 +509,37 @@ def restore(core: AppCore, views: Views, tab: TeachTab, ws, note: dict | None) -
             data = None
     if data is not None:
         _, info, table, gallery, shots, probes, *_ = data_view(views, data)
-        keep[:6] = [data.name if data.example else None, info, table, gallery, shots, probes]
+        put(
+            [tab.example, tab.data_info, tab.data_table, tab.data_gallery, tab.shots, tab.probes],
+            [data.name if data.example else None, info, table, gallery, shots, probes],
+        )
     if note and note.get("method") in METHODS:
-        n = 6
         method = note["method"]
-        keep[n] = method
-        keep[n + 1 : n + 3 + len(tab.knobs)] = method_view(
-            core.bundle, method, tab.knob_names, note.get("settings") or {}
+        put(
+            [tab.method, tab.method_help, tab.epochs, *tab.knobs],
+            [method, *method_view(core.bundle, method, tab.knob_names, note.get("settings") or {})],
         )
         if note.get("epochs"):
-            keep[n + 2] = gr.update(value=int(note["epochs"]))
+            put([tab.epochs], [gr.update(value=int(note["epochs"]))])
         if note.get("shots"):
-            shots = keep[4] if isinstance(keep[4], dict) else gr.update()
-            keep[4] = {**shots, "value": int(note["shots"])}
-        n += 3 + len(tab.knobs)
-        keep[n : n + 3] = [
-            note.get("seed"),
-            note.get("reader") or gr.skip(),
-            bool(note.get("also")),
-        ]
+            shots = values.get(id(tab.shots))
+            shots = shots if isinstance(shots, dict) else gr.update()
+            put([tab.shots], [{**shots, "value": int(note["shots"])}])
+        put(
+            [tab.seed, tab.reader, tab.also],
+            [note.get("seed"), note.get("reader") or gr.skip(), bool(note.get("also"))],
+        )
     if data is not None and data.example:  # the pads' paper and ink follow it, as on a pick
-        keep[len(keep) - len(tab.own) :] = own_examples.pad_updates(core, tab.own, data.name)
+        put([card.pad for card in tab.own], own_examples.pad_updates(core, tab.own, data.name))
     if data is not None and data.from_cards:  # the cards as they were used, images as kept
         cards = list(data.card_images().items())[:CARDS]
-        shown = max(2, len(cards))
-        n = len(keep) - 1 - 3 * CARDS - len(tab.own)
-        keep[n] = shown
-        keep[n + 1 : n + 1 + CARDS] = [gr.update(visible=i < shown) for i in range(CARDS)]
-        for i in range(CARDS):
-            name, images = cards[i] if i < len(cards) else ("", [])
-            keep[n + 1 + CARDS + i] = name
-            keep[n + 1 + 2 * CARDS + i] = images or None
-    return keep
+        cards += [("", [])] * (CARDS - len(cards))
+        shown = max(2, sum(1 for name, _ in cards if name))
+        put([tab.shown], [shown])
+        put(tab.boxes, [gr.update(visible=i < shown) for i in range(CARDS)])
+        put(tab.names, [name for name, _ in cards])
+        put(tab.galleries, [images or None for _, images in cards])
+    return [values.get(id(c), gr.skip()) for c in restore_outputs(tab)]
 
 
 # ---- helpers -----------------------------------------------------------------------------------
