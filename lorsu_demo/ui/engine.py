@@ -259,15 +259,17 @@ def pick_probes(pool: list[Probe], answers: list[str], count: int = 5) -> list[i
     those the model answers wrong come first, one per class before a second of any class;
     images it already gets right fill what is left. Indices in pool order."""
     wrong = [i for i, (p, a) in enumerate(zip(pool, answers)) if not names_class(a, p.label)]
-    right = [i for i in range(len(pool)) if i not in set(wrong)]
+    right = sorted(set(range(len(pool))) - set(wrong))
     picked: list[int] = []
+    seen: set[str] = set()
     for group in (wrong, right):
         for new_classes_only in (True, False):
             for i in group:
-                seen = {pool[j].label for j in picked}
-                if len(picked) < count and i not in picked:
-                    if not new_classes_only or pool[i].label not in seen:
-                        picked.append(i)
+                if len(picked) == count:
+                    return sorted(picked)
+                if i not in picked and not (new_classes_only and pool[i].label in seen):
+                    picked.append(i)
+                    seen.add(pool[i].label)
     return sorted(picked)
 
 
