@@ -28,6 +28,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .ui.zerogpu import cpu_lanes
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- classroom:start -->", "<!-- classroom:end -->"
@@ -178,7 +180,7 @@ def classroom(
             "served_after_s": round(served, 1),
             "session": {k: v for k, v in request.items() if k != "seed"},
             "model": model or "toy",
-            "lanes": lanes or int(os.environ.get("LORSU_CPU_LANES", "1") or 1),
+            "lanes": lanes or cpu_lanes(),  # what the app picks on this machine
             "cpus": os.cpu_count(),
             "load_average": [round(x, 2) for x in load],
             "ti": sorted({r.get("ti") for r in results if r.get("ok")}),

@@ -9,15 +9,17 @@ import torch
 from conftest_ui import FAST, make_core, record_of, same_delta
 
 from lorsu_demo.ui import engine, zerogpu
+from lorsu_demo.ui.app import build_app
 
 
 def test_two_sessions_on_two_copies_at_once_match_each_alone(tmp_path, monkeypatch):
     saved = dict(engine._MODEL)
     monkeypatch.setenv("LORSU_CPU_LANES", "2")
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
-    assert zerogpu.lane_width() == 2
+    assert zerogpu.cpu_lanes() == 2
     try:
         core = make_core(tmp_path)
+        assert engine.lane_width(core.bundle) == 2
         pool = list(engine._MODEL["pool"].queue)
         assert len(pool) == 2 and core.bundle in pool
         copy = next(b for b in pool if b is not core.bundle)
@@ -88,3 +90,39 @@ def test_a_gpu_or_large_model_is_not_copied(monkeypatch):
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")  # ZeroGPU: separate worker processes
     monkeypatch.setattr(OnGpu, "device", torch.device("cpu"))
     assert engine.pool_size(OnGpu()) == 1
+
+
+def test_cpu_lanes_default_to_the_usable_cores(monkeypatch):
+    monkeypatch.delenv("LORSU_CPU_LANES", raising=False)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    monkeypatch.setattr(zerogpu.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert zerogpu.cpu_lanes() == 3
+    monkeypatch.setattr(zerogpu.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert zerogpu.cpu_lanes() == zerogpu.MAX_CPU_LANES
+    monkeypatch.setenv("LORSU_CPU_LANES", "1")  # a teacher's choice wins
+    assert zerogpu.cpu_lanes() == 1
+
+
+def test_the_model_lane_is_as_wide_as_the_copies(tmp_path, monkeypatch):
+    """The queue lets as many model calls run as there are copies (none waits inside a worker
+    for one), one on a GPU, and ZeroGPU's own width there."""
+    saved = dict(engine._MODEL)
+    monkeypatch.setenv("LORSU_CPU_LANES", "3")
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    try:
+        core = make_core(tmp_path)
+        assert engine.lane_width(core.bundle) == 3 == engine._MODEL["pool"].qsize()
+        demo = build_app(core)
+        limits = {fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu"}
+        assert limits == {3}
+
+        class OnGpu:
+            device = torch.device("cuda")
+
+        assert engine.lane_width(OnGpu()) == 1
+        monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+        monkeypatch.setenv("LORSU_GPU_LANES", "5")
+        assert engine.lane_width(OnGpu()) == 5
+    finally:
+        engine._MODEL.clear()
+        engine._MODEL.update(saved)

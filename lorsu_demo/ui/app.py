@@ -34,6 +34,7 @@ RELOAD_WAIT = 20.0  # seconds a reloaded page waits for the session it cut short
 def build_app(core: AppCore) -> gr.Blocks:
     views = Views(core)
     bundle = core.bundle
+    GPU["concurrency_limit"] = engine.lane_width(bundle)
 
     with gr.Blocks(title="LoRSU demo", analytics_enabled=False) as demo:
         gr.Markdown(f"# {text.TITLE}")

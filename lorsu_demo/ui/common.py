@@ -14,9 +14,10 @@ from .engine import PROBE_QUESTION
 
 log = logging.getLogger("lorsu_demo.ui")
 
-# Model work shares one queue lane. Its width follows the platform: one call at a time where
-# one model is shared (CPU, a dedicated GPU); on ZeroGPU every call runs in its own forked
-# worker on its own GPU slice, so several run side by side (LORSU_GPU_LANES, default 4).
+# Model work shares one queue lane. Its width follows the platform (`engine.lane_width`, set
+# by `build_app` once the model is loaded): one call at a time on one shared model (a dedicated
+# GPU, a large model); one per copy of a small CPU model; on ZeroGPU every call runs in its own
+# forked worker on its own GPU slice, so several run side by side (LORSU_GPU_LANES, default 4).
 GPU = {"concurrency_id": "gpu", "concurrency_limit": engine.zerogpu.lane_width()}
 LIGHT = {"concurrency_limit": 8}
 PRIVATE = {"api_visibility": "private"}

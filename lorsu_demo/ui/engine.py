@@ -82,9 +82,8 @@ _MODEL: dict[str, object] = {}
 
 def use_model(bundle: Bundle, notice: str | None = None) -> Bundle:
     """Make `bundle` the process's model (the app calls this once). A small model on the CPU
-    gets one copy per lane (`zerogpu.lane_width`, LORSU_CPU_LANES), so that sessions of
-    several users run on several cores at once, each on its own copy; otherwise every worker
-    borrows the one model in turn."""
+    gets one copy per lane (`pool_size`), so that sessions of several users run on several
+    cores at once, each on its own copy; otherwise every worker borrows the one model in turn."""
     _MODEL["bundle"] = bundle
     _MODEL["notice"] = notice
     pool: queue.LifoQueue = queue.LifoQueue()
@@ -96,13 +95,20 @@ def use_model(bundle: Bundle, notice: str | None = None) -> Bundle:
 
 
 def pool_size(bundle: Bundle) -> int:
-    """Copies of the model the workers share: the lane width for a small CPU model (a few MB
-    each), one for anything on a GPU or large (ZeroGPU's workers are separate processes)."""
+    """Copies of the model the workers share: one per CPU lane for a small CPU model (a few MB
+    each, `zerogpu.cpu_lanes`), one for anything on a GPU or large (ZeroGPU's workers are
+    separate processes)."""
     if zerogpu.on_zerogpu() or bundle.device.type != "cpu":
         return 1
     if sum(p.numel() for p in bundle.vision.parameters()) >= SMALL_ENCODER:
         return 1
-    return zerogpu.lane_width()
+    return zerogpu.cpu_lanes()
+
+
+def lane_width(bundle: Bundle) -> int:
+    """How many model calls the app runs at once: ZeroGPU's width there (each call is its own
+    worker), elsewhere one per model copy, so that no call waits inside a worker for a copy."""
+    return zerogpu.lane_width() if zerogpu.on_zerogpu() else pool_size(bundle)
 
 
 def copy_bundle(bundle: Bundle) -> Bundle:

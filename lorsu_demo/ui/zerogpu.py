@@ -5,7 +5,7 @@ default half an RTX Pro 6000 Blackwell (48 GB), or the full 96 GB card with `siz
 twice the quota. A call asks for a `duration` up front; the platform refuses it when the
 visitor's remaining daily quota is below that (an unauthenticated visitor gets 2 minutes a day)
 and counts non-xlarge durations 1.5 times. Outside ZeroGPU none of this applies: `spaces` is a
-no-op or absent, and the app's GPU lane runs one call at a time.
+no-op or absent, and the model lane runs one call per model copy (`engine.lane_width`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ MAX_DURATION_S = 80
 SESSION_FIXED_S = 24
 SESSION_STEP_S = 1.0
 CHAT_S = 20
+MAX_CPU_LANES = 8  # copies of a small CPU model (a few MB each)
 EXPORT_S = 60
 
 
@@ -42,14 +43,27 @@ def slice_size() -> str:
 
 
 def lane_width() -> int:
-    """How many GPU-lane calls the app runs at once. On ZeroGPU each call gets its own forked
-    worker and GPU slice and applies only its own user's deltas, so calls can run side by
-    side (LORSU_GPU_LANES, default 4). Elsewhere LORSU_CPU_LANES (default 1): a small model
-    on the CPU gets one copy per lane (`engine.use_model`), so a class's sessions can use
-    several cores; a model on a GPU stays one shared copy and calls take turns on it."""
+    """How many model-lane calls run at once on one shared model. On ZeroGPU each call gets
+    its own forked worker and GPU slice and applies only its own user's deltas, so calls can
+    run side by side (LORSU_GPU_LANES, default 4). Elsewhere the calls take turns on it; a
+    small model on the CPU is copied instead, one copy per lane (`engine.lane_width`)."""
     if on_zerogpu():
         return _int_env("LORSU_GPU_LANES", 4)
-    return _int_env("LORSU_CPU_LANES", 1)
+    return 1
+
+
+def cpu_lanes() -> int:
+    """Copies of a small model on the CPU, so that a class's sessions run on several cores at
+    once: LORSU_CPU_LANES, by default the cores this process may use (at most 8). A session
+    runs on one thread either way (`model.limit_cpu_threads`), so a lone user loses nothing."""
+    return _int_env("LORSU_CPU_LANES", min(usable_cores(), MAX_CPU_LANES))
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _int_env(name: str, default: int) -> int:
