@@ -149,6 +149,14 @@ def class_token_pooled(vision: nn.Module, pixels: torch.Tensor) -> torch.Tensor 
     return vision.post_layernorm(kept[:, 0])
 
 
+def layers_read(feature_layer, num_layers: int) -> int:
+    """How many of `num_layers` encoder layers LLaVA's `vision_feature_layer` reads."""
+    if isinstance(feature_layer, (list, tuple)):
+        feature_layer = max(feature_layer, key=lambda i: i % (num_layers + 1))
+    # hidden_states has num_layers + 1 entries (the embeddings first).
+    return feature_layer % (num_layers + 1)
+
+
 @dataclass
 class Bundle:
     name: str
@@ -188,6 +196,10 @@ class Bundle:
         return len(self.layers)
 
     @property
+    def encoder_parameters(self) -> int:
+        return sum(p.numel() for p in self.vision.parameters())
+
+    @property
     def num_heads(self) -> int:
         return self.layers[0].self_attn.num_heads
 
@@ -202,11 +214,7 @@ class Bundle:
     @property
     def layers_read_by_vlm(self) -> int:
         """How many encoder layers can change the VLM's answer (LLaVA reads layer -2's output)."""
-        feature_layer = self.vlm.config.vision_feature_layer
-        if isinstance(feature_layer, (list, tuple)):
-            feature_layer = max(feature_layer, key=lambda i: i % (self.num_layers + 1))
-        # hidden_states has num_layers + 1 entries (the embeddings first).
-        return feature_layer % (self.num_layers + 1)
+        return layers_read(self.vlm.config.vision_feature_layer, self.num_layers)
 
     @property
     def logit_scale(self) -> float:
@@ -435,7 +443,7 @@ def limit_cpu_threads(bundle: Bundle) -> None:
     if os.environ.get("LORSU_THREADS", "").isdigit():
         torch.set_num_threads(max(1, int(os.environ["LORSU_THREADS"])))
     elif not os.environ.get("OMP_NUM_THREADS"):
-        if sum(p.numel() for p in bundle.vision.parameters()) < SMALL_ENCODER:
+        if bundle.encoder_parameters < SMALL_ENCODER:
             torch.set_num_threads(1)
 
 
@@ -525,6 +533,60 @@ def read_bundle_manifest(directory: Path) -> dict:
     if manifest.get("format") != "lorsu-demo-bundle":
         raise BundleError(f"{manifest_path} is not a lorsu-demo bundle manifest")
     return manifest
+
+
+@dataclass
+class ModelInfo:
+    """What a page shows of a bundle folder before its weights are loaded: `Bundle`'s
+    attributes of the same names, read from bundle.json and the two config.json files (a few
+    milliseconds, where loading the weights first imports most of transformers)."""
+
+    name: str
+    device: torch.device
+    num_layers: int
+    num_heads: int
+    image_size: int
+    layers_read_by_vlm: int
+    labels: list[str]
+    defaults: dict
+    control_dir: Path | None
+    encoder_parameters: int  # the encoder layers' weight matrices (the bulk of the count)
+
+
+def bundle_info(
+    model: str = OFFLINE_PRESET, *, device=None, clip: str | None = None
+) -> ModelInfo | None:
+    """`model`'s `ModelInfo` when it is a bundle folder that `load_bundle` would load as it
+    is (no other CLIP, no 4-bit LLM), else None: anything else is loaded before it is shown."""
+    if clip or os.environ.get("LORSU_CLIP") or os.environ.get("LORSU_MEMORY") == "4bit":
+        return None
+    if model in PRESETS or model == "tiny-random":
+        return None
+    directory = ASSETS_DIR / model if (ASSETS_DIR / model / BUNDLE_FILE).exists() else Path(model)
+    try:
+        manifest = read_bundle_manifest(directory)
+        vision = json.loads((directory / manifest["clip"] / "config.json").read_text())
+        vision = vision["vision_config"]
+        vlm = json.loads((directory / manifest["vlm"] / "config.json").read_text())
+        num_layers = int(vision["num_hidden_layers"])
+        width, mlp = int(vision["hidden_size"]), int(vision["intermediate_size"])
+        control = manifest.get("control")
+        return ModelInfo(
+            name=manifest.get("name", directory.name),
+            device=torch.device(device)
+            if device
+            else (torch.device("cpu") if model == OFFLINE_PRESET else default_device()),
+            num_layers=num_layers,
+            num_heads=int(vision["num_attention_heads"]),
+            image_size=int(vision["image_size"]),
+            layers_read_by_vlm=layers_read(vlm["vision_feature_layer"], num_layers),
+            labels=list(manifest.get("labels", [])),
+            defaults=dict(manifest.get("defaults", {})),
+            control_dir=(directory / control).resolve() if control else None,
+            encoder_parameters=num_layers * (4 * width * width + 2 * width * mlp),
+        )
+    except (BundleError, OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def load_bundle(

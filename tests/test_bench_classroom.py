@@ -82,8 +82,15 @@ def test_bench_start_reports_each_run_and_the_median(monkeypatch):
 
     times = iter([9.0, 7.5, 8.25])
     monkeypatch.setattr(bench_classroom, "start_app", start_app)
+    later = iter([3.0, 2.5, 4.0])
     monkeypatch.setattr(bench_classroom, "wait_until_served", lambda process, port: next(times))
+    monkeypatch.setattr(bench_classroom, "wait_until_ready", lambda process, log: next(later))
     result = bench_classroom.time_to_serve(runs=3)
-    assert result == {"runs": [9.0, 7.5, 8.25], "median": 8.25, "min": 7.5}
+    assert result == {
+        "runs": [9.0, 7.5, 8.25],
+        "median": 8.25,
+        "min": 7.5,
+        "ready": {"runs": [12.0, 10.0, 12.25], "median": 12.0, "min": 10.0},
+    }
     assert len(started) == len(stopped) == 3
     assert len({state for _, state in started}) == 3  # a state folder of its own each time

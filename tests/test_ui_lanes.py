@@ -81,7 +81,7 @@ def test_a_gpu_or_large_model_is_not_copied(monkeypatch):
 
     class Large:
         device = torch.device("cpu")
-        vision = torch.nn.Linear(8000, 8000)  # 64 M parameters, above SMALL_ENCODER
+        encoder_parameters = 64_000_000  # above SMALL_ENCODER
 
     class OnGpu:
         device = torch.device("cuda")

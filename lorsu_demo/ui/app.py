@@ -19,7 +19,7 @@ import time
 
 import gradio as gr
 
-from ..model import OFFLINE_PRESET, BundleError, env_model
+from ..model import OFFLINE_PRESET, BundleError, bundle_info, env_model
 from . import api, engine, tab_chat, tab_sessions, tab_teach, text
 from . import compare as compare_ui
 from .cli import add_arguments
@@ -29,11 +29,13 @@ from .style import CSS
 
 log = logging.getLogger("lorsu_demo.ui")
 RELOAD_WAIT = 20.0  # seconds a reloaded page waits for the session it cut short to stop
+READY = "Ready: pick example data or upload images (step 1), then press Train."
+LOADING = "Loading the model… the page works in a moment (a Train press waits for it)."
 
 
 def build_app(core: AppCore) -> gr.Blocks:
     views = Views(core)
-    bundle = core.bundle
+    bundle = core.info  # the page can be built and served before the model is loaded
     GPU["concurrency_limit"] = engine.lane_width(bundle)
 
     with gr.Blocks(title="LoRSU demo", analytics_enabled=False) as demo:
@@ -51,8 +53,9 @@ def build_app(core: AppCore) -> gr.Blocks:
         browser_key = gr.BrowserState(
             None, storage_key="lorsu-workspace", secret=core.browser_secret()
         )
+        served_loading = not core.ready
         status = gr.HTML(
-            status_line("Ready: pick example data or upload images (step 1), then press Train."),
+            status_line(LOADING, "busy") if served_loading else status_line(READY),
             elem_id="lorsu-status",
         )
 
@@ -101,7 +104,7 @@ def build_app(core: AppCore) -> gr.Blocks:
                     "as you left them."
                 )
             else:
-                message = gr.skip()
+                message = status_line(READY) if served_loading else gr.skip()
             yield key, message, *outputs, *tab_teach.restore(core, views, teach, ws, note)
 
         demo.load(
@@ -166,11 +169,25 @@ def create(
     control_dirs: list[str] | None = None,
     device: str | None = None,
     clip: str | None = None,
+    *,
+    load_later: bool = False,
 ) -> gr.Blocks:
-    bundle, notice = engine.load_model(
-        model or env_model(default_model()), device=device, clip=clip
-    )
-    return build_app(AppCore(bundle, notice, domains_dir, control_dirs))
+    """The app for `model`. `load_later`: where the model is a bundle folder (the offline
+    toy), build the page from its config files alone and leave the weights to
+    `demo.lorsu_core.load(demo.lorsu_loader)`, so that the page is served while they load."""
+    model = model or env_model(default_model())
+
+    def loader():
+        return engine.load_model(model, device=device, clip=clip)
+
+    info = bundle_info(model, device=device, clip=clip) if load_later else None
+    if info is None:
+        core = AppCore(*loader(), domains_dir, control_dirs)
+    else:
+        core = AppCore(None, None, domains_dir, control_dirs, info=info)
+    demo = build_app(core)
+    demo.lorsu_core, demo.lorsu_loader = core, loader
+    return demo
 
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kwargs):
@@ -201,14 +218,31 @@ def run(args) -> int:
         pass
     model = args.model or env_model(default_model())
     print(f"Loading {model}…", file=sys.stderr, flush=True)
+    clip = getattr(args, "clip", None)
     try:
-        demo = create(model, args.domains, args.control, args.device, getattr(args, "clip", None))
+        demo = create(model, args.domains, args.control, args.device, clip, load_later=True)
     except BundleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     host = args.host or os.environ.get("GRADIO_SERVER_NAME")
     port = args.port or (int(os.environ["GRADIO_SERVER_PORT"]) if _env_port() else None)
-    launch(demo, host=host, port=port)
+    core = demo.lorsu_core
+    if core.ready:
+        log.info("Model loaded; %s.", text.READY_LOG)
+        launch(demo, host=host, port=port)
+        return 0
+    # Served first, loaded after: the page is up while most of transformers imports and the
+    # weights load, and whatever needs the model waits for it.
+    launch(demo, host=host, port=port, prevent_thread_lock=True)
+    started = time.perf_counter()
+    try:
+        core.load(demo.lorsu_loader)
+    except BundleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        demo.close()
+        return 2
+    log.info("Model loaded in %.1f s; %s.", time.perf_counter() - started, text.READY_LOG)
+    demo.block_thread()
     return 0
 
 

@@ -44,8 +44,8 @@ class Views:
 
     def __init__(self, core: AppCore):
         self.core = core
-        bundle = core.bundle
-        self.shape = (bundle.num_layers, bundle.num_heads, bundle.layers_read_by_vlm)
+        info = core.info  # the page can be built before the model is loaded
+        self.shape = (info.num_layers, info.num_heads, info.layers_read_by_vlm)
         self.has_control = bool(core.controls)
 
     def metrics(self, live=None) -> str:

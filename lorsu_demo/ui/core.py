@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,7 @@ from ..evaluate import READERS
 from ..events import Done, Metrics, Phase, Scores, Step, Stopped
 from ..history import History, HistoryError
 from ..methods import METHODS, MethodError
-from ..model import ASSETS_DIR, Bundle
+from ..model import ASSETS_DIR, Bundle, ModelInfo
 from ..runs import check_labels, control_sets, one_session, run_seed
 from . import drawing, engine, uploads, zerogpu
 from .engine import ProbeAnswers
@@ -176,29 +176,31 @@ def _finite(value) -> bool:
 class AppCore:
     def __init__(
         self,
-        bundle: Bundle,
+        bundle: Bundle | None,
         notice: str | None = None,
         domains_dir: str | Path | None = None,
         control_dirs: list[str] | None = None,
         work_dir: str | Path | None = None,
         state_dir: str | Path | None = None,
         idle_hours: float | None = None,
+        *,
+        info: ModelInfo | None = None,
     ):
-        self.bundle = engine.use_model(bundle, notice)
+        """`bundle=None` with `info` (`model.bundle_info`): the page is built and served from
+        `info` while `load` loads the model, and every call that needs the model waits for it."""
+        if bundle is None and info is None:
+            raise ValueError("AppCore needs a bundle, or the info of one that load() will load")
+        self.info: Bundle | ModelInfo = bundle if bundle is not None else info
         self.notice = notice
         self.examples = Examples(Path(domains_dir) if domains_dir else ASSETS_DIR / "domains")
-        if not control_dirs and bundle.control_dir is None and (ASSETS_DIR / "control").is_dir():
+        own_control = self.info.control_dir  # known before the model is loaded
+        if not control_dirs and own_control is None and (ASSETS_DIR / "control").is_dir():
             control_dirs = [str(ASSETS_DIR / "control")]  # LLaVA presets have none of their own
-        self.controls = control_sets(bundle, control_dirs)
+        self.controls = control_sets(self.info, control_dirs)
         self.control_dirs = list(control_dirs or [])  # for the "Copy as CLI" command
         # Browsers' workspaces are kept here across restarts (see workspace.DiskStore).
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         self.idle = idle_seconds() if idle_hours is None else float(idle_hours) * 3600
-        self.store = Store(
-            bundle.source,
-            DiskStore(self.state_dir / "workspaces"),
-            check=lambda history: self._check_fits(history, "The saved history"),
-        )
         # Who waits for the model lane (workspace key -> when Train was pressed) and how long
         # the last sessions took, for the status line's queue position and ETA.
         self._waiting: dict[str, float] = {}
@@ -208,6 +210,52 @@ class AppCore:
         base = Path(work_dir) if work_dir else Path(tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)
         self.work_dir = Path(tempfile.mkdtemp(prefix="lorsu-app-", dir=base))
+        self._loaded = threading.Event()
+        self._load_error: Exception | None = None
+        if bundle is not None:
+            self._attach(bundle, notice)
+
+    def load(self, loader: Callable[[], tuple[Bundle, str | None]]) -> None:
+        """Load the model (`loader()` gives the bundle and a notice) and let the calls waiting
+        for it go on; if it fails, they get the error and so does the caller."""
+        try:
+            bundle, notice = loader()
+        except Exception as err:
+            self._load_error = err
+            self._loaded.set()
+            raise
+        self._attach(bundle, notice)
+
+    def _attach(self, bundle: Bundle, notice: str | None) -> None:
+        self._bundle = engine.use_model(bundle, notice)
+        self.notice = notice
+        self._store = Store(
+            bundle.source,
+            DiskStore(self.state_dir / "workspaces"),
+            check=lambda history: self._check_fits(history, "The saved history"),
+        )
+        self.info = bundle
+        self._loaded.set()
+
+    @property
+    def ready(self) -> bool:
+        """The model is loaded (a page served before that shows it is loading)."""
+        return self._loaded.is_set() and self._load_error is None
+
+    def _wait_for_model(self) -> None:
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise UserError(f"The model could not be loaded ({self._load_error}). Restart the app.")
+
+    @property
+    def bundle(self) -> Bundle:
+        self._wait_for_model()
+        return self._bundle
+
+    @property
+    def store(self) -> Store:
+        self._wait_for_model()
+        return self._store
 
     # ---- workspaces ------------------------------------------------------------------------
     def workspace(self, key: str | None) -> Workspace:

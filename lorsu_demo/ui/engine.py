@@ -38,6 +38,7 @@ from ..model import (
     SMALL_ENCODER,
     Bundle,
     BundleError,
+    ModelInfo,
     load_bundle,
     save_bundle,
 )
@@ -94,18 +95,18 @@ def use_model(bundle: Bundle, notice: str | None = None) -> Bundle:
     return bundle
 
 
-def pool_size(bundle: Bundle) -> int:
+def pool_size(bundle: Bundle | ModelInfo) -> int:
     """Copies of the model the workers share: one per CPU lane for a small CPU model (a few MB
     each, `zerogpu.cpu_lanes`), one for anything on a GPU or large (ZeroGPU's workers are
     separate processes)."""
     if zerogpu.on_zerogpu() or bundle.device.type != "cpu":
         return 1
-    if sum(p.numel() for p in bundle.vision.parameters()) >= SMALL_ENCODER:
+    if bundle.encoder_parameters >= SMALL_ENCODER:
         return 1
     return zerogpu.cpu_lanes()
 
 
-def lane_width(bundle: Bundle) -> int:
+def lane_width(bundle: Bundle | ModelInfo) -> int:
     """How many model calls the app runs at once: ZeroGPU's width there (each call is its own
     worker), elsewhere one per model copy, so that no call waits inside a worker for a copy."""
     return zerogpu.lane_width() if zerogpu.on_zerogpu() else pool_size(bundle)
@@ -165,7 +166,7 @@ def load_model(
         return load_bundle("tiny-random", device=device), message
 
 
-def describe_model(bundle: Bundle) -> str:
+def describe_model(bundle: Bundle | ModelInfo) -> str:
     layers, heads = bundle.num_layers, bundle.num_heads
     read = bundle.layers_read_by_vlm
     return (
@@ -175,7 +176,7 @@ def describe_model(bundle: Bundle) -> str:
 
 
 # ---- settings --------------------------------------------------------------------------------
-def settings_for(bundle: Bundle, method: str) -> dict:
+def settings_for(bundle: Bundle | ModelInfo, method: str) -> dict:
     """A method's settings as the app offers them: the method's defaults, then the model's
     (a tiny encoder wants a larger learning rate than LLaVA's)."""
     settings = method_settings(method)

@@ -52,7 +52,7 @@ def pad_settings(side: int, polarity: str) -> dict:
 
 def build(core: AppCore, index: int) -> OwnExample:
     """Inside a class card: the pad and the webcam, in a closed accordion."""
-    side = drawing.canvas_side(core.bundle.image_size)
+    side = drawing.canvas_side(core.info.image_size)
     polarity = core_polarity(core)
     number = index + 1
     with gr.Accordion(f"Draw or take a photo for class {number}", open=False):
@@ -105,7 +105,7 @@ def core_polarity(core: AppCore, example: str | None = None) -> str:
 def wire(
     own: list[OwnExample], names: list, galleries: list, example, core: AppCore, status
 ) -> None:
-    side = drawing.canvas_side(core.bundle.image_size)
+    side = drawing.canvas_side(core.info.image_size)
 
     def adder(index: int, kind: str):
         def on_add(value, name, gallery, request: gr.Request):
@@ -155,6 +155,6 @@ def wire(
 
 def pad_updates(core: AppCore, own: list[OwnExample], example: str | None) -> list:
     """Every card's pad switched to the paper and ink of `example` (a reload's restore too)."""
-    side = drawing.canvas_side(core.bundle.image_size)
+    side = drawing.canvas_side(core.info.image_size)
     settings = pad_settings(side, core_polarity(core, example))
     return [gr.update(**settings) for _ in own]

@@ -61,7 +61,7 @@ class TeachTab:
 
 
 def build(core: AppCore, views: Views) -> TeachTab:
-    bundle = core.bundle
+    bundle = core.info  # the page can be built before the model is loaded
     knob_names = _knob_names()
     defaults = engine.settings_for(bundle, "lorsu")
     with gr.Row(equal_height=False):
@@ -90,7 +90,7 @@ def build(core: AppCore, views: Views) -> TeachTab:
                                 gr.Textbox(
                                     label=f"Class {i + 1}",
                                     placeholder=(
-                                        "class name, e.g. " + (core.bundle.labels or ["cat"])[-1]
+                                        "class name, e.g. " + (bundle.labels or ["cat"])[-1]
                                     ),
                                     max_length=60,
                                 )
@@ -234,7 +234,6 @@ def build(core: AppCore, views: Views) -> TeachTab:
 
 def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: list) -> None:
     """Connect the tab's events; `status` is the page's status line."""
-    bundle = core.bundle
     knob_names = tab.knob_names
     example = tab.example
     names = tab.names
@@ -313,7 +312,7 @@ def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: li
                     **LIGHT)  # fmt: skip
 
     def on_method(name):
-        return method_view(bundle, name, knob_names)
+        return method_view(core.info, name, knob_names)
 
     method.input(on_method, [method], [method_help, epochs, *knobs], queue=False, **PRIVATE)
 

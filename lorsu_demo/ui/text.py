@@ -1,5 +1,8 @@
 """Every explanation the app shows, in one place, written for a workshop audience."""
 
+# The app's log line once its model is loaded (`bench start` waits for it).
+READY_LOG = "the app is ready"
+
 TITLE = "LoRSU: teach a vision-language model something new, without making it forget"
 
 INTRO = (
