@@ -808,7 +808,7 @@ def main(argv=None):
     )
     ap.add_argument("--clip-images", default=600, type=int, help="base images per class for CLIP")
     ap.add_argument("--clip-letters", default=400, type=int, help="letter images per letter")
-    ap.add_argument("--clip-steps", default=2500, type=int)
+    ap.add_argument("--clip-steps", default=4000, type=int)
     ap.add_argument("--llm-images", default=400, type=int, help="base images per class for the LLM")
     ap.add_argument("--llm-steps", default=3200, type=int)
     ap.add_argument(
