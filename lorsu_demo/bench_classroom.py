@@ -155,6 +155,9 @@ def classroom(
     process = start_app(port, state, model, domains, control, lanes)
     try:
         served = wait_until_served(process, port)
+        # A class comes in once the teacher's app is up: its model loaded (it loads after the
+        # page is served).
+        wait_until_ready(process, state / "app.log")
         url = f"http://127.0.0.1:{port}/"
         request = {
             "data": data,
