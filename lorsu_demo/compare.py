@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .delta import DeltaError, applied
-from .evaluate import READERS, EvalSet, accuracy, ti_cc
+from .evaluate import READERS, EvalSet, accuracy, base_accuracy, ti_cc
 from .events import Done, Event, Stopped
 from .history import History, HistoryError
 from .methods import METHODS, MethodError, make_method, method_settings
@@ -143,7 +143,9 @@ def second_reading(
     clock = time.perf_counter()
     state = bundle.vision_state()
     with bundle.lock:
-        new_base = {s.name: accuracy(bundle, s, reader) for s in sets if s.name not in base}
+        # The untouched model's reading, once per process for all workspaces (as the
+        # session's own base phase does): a class's first sessions all read the same sets.
+        new_base = {s.name: base_accuracy(bundle, s, reader) for s in sets if s.name not in base}
         with applied(state, [*history.deltas(), record.delta]):
             now = {s.name: accuracy(bundle, s, reader) for s in sets}
     base = {**base, **new_base}

@@ -277,3 +277,27 @@ def test_start_from_refuses_a_history_of_another_model(bundle, colour_folder, tm
     args += ["--out", str(tmp_path / "run")]
     assert main([*args, "--start-from", str(tmp_path / "none.lorsu")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_base_s_second_reading_is_measured_once_for_every_history(
+    bundle, train_set, eval_sets, monkeypatch
+):
+    """Thirty students' first sessions read the same untouched model: its multiple-choice
+    accuracies are measured for the first and reused, exactly, for the others."""
+    from lorsu_demo import evaluate
+    from lorsu_demo.compare import second_reading
+
+    target, control = eval_sets
+    bundle.base_cache.clear()
+    record = one_session(bundle, History(model=dict(bundle.source)), train_set, target, control)
+    measured = []
+    real = evaluate.accuracy
+    monkeypatch.setattr(
+        evaluate, "accuracy", lambda b, s, r="clip": measured.append(s.name) or real(b, s, r)
+    )
+    first = second_reading(bundle, History(model=dict(bundle.source)), record, target, [control])
+    assert sorted(measured) == sorted([target.name, control.name])
+    measured.clear()
+    again = second_reading(bundle, History(model=dict(bundle.source)), record, target, [control])
+    assert measured == [] and again["base"] == first["base"]
+    assert again["ti"] == first["ti"] and again["cc"] == first["cc"]
