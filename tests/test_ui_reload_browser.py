@@ -12,8 +12,11 @@ TABS = ["1 · Teach & watch", "2 · Chat", "3 · Sessions", "4 · Compare", "How
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    with serving(make_core(tmp_path_factory.mktemp("ui-reload"))) as url:
-        yield url
+    # One lane, whatever the cores: a second session has to wait, and the wait is watched here.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LORSU_CPU_LANES", "1")
+        with serving(make_core(tmp_path_factory.mktemp("ui-reload"))) as url:
+            yield url
 
 
 @pytest.fixture(scope="module")
