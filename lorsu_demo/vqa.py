@@ -32,7 +32,9 @@ PPL_ANSWER = "This is a {label}"
 MC_SEED = 0
 MC_MAX_NEW_TOKENS = 4
 OPEN_MAX_NEW_TOKENS = 16
-BATCH_SIZE = 8
+# Answers are left-padded and masked, so a batch's size does not change them (the toy's mc and
+# open answers on every test set were checked equal at 8 and 32); 32 is a third faster on CPU.
+BATCH_SIZE = 32
 IGNORE = -100
 
 

@@ -109,6 +109,17 @@ def test_readers_run_end_to_end_on_the_tiny_vlm(bundle):
     assert first == {r: accuracy(bundle, target, r) for r in ("mc", "open")}  # greedy, seeded
 
 
+def test_answers_do_not_depend_on_how_many_are_asked_at_once(bundle):
+    """The readers batch their questions (left-padded, masked): the same answers one at a
+    time, eight at a time or all at once, for questions of different lengths."""
+    images = [item.image for item in colour_set("mixed", 6, seed=5).items]
+    questions = [vqa.mc_questions(target_set())[0][0], vqa.DEFAULT_QUESTION] * (len(images) // 2)
+    alone = vqa._generate(bundle, images, questions, vqa.MC_MAX_NEW_TOKENS, batch_size=1)
+    assert len(set(alone)) > 1  # the answers differ, so a mix-up would show
+    for size in (8, len(images)):
+        assert vqa._generate(bundle, images, questions, vqa.MC_MAX_NEW_TOKENS, size) == alone
+
+
 def test_cli_eval_mc(colour_folder, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--model", "tiny-random", "--data", str(colour_folder), "--shots", "2"]
