@@ -138,16 +138,19 @@ def test_the_recipe_trains_the_read_layer_with_the_clip_loss(toy):
     assert np.mean([p == y for p, y in zip(predicted, labels)]) >= 0.9
 
 
-def test_a_seeded_lorsu_session_raises_target_accuracy(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["handwritten", "sketches"])
+def test_a_seeded_lorsu_session_learns_without_forgetting(name, tmp_path, capsys):
+    """The two domains whose sessions cost CLIP's control 5.6 and 4.4 points with the
+    2,500-step encoder: issue 9 asks TI of at least 15 with CC of at least -3."""
     cli.main(
-        ["train", "--data", str(ASSETS / "domains" / "sketches"), "--sessions", "1"]
+        ["train", "--data", str(ASSETS / "domains" / name), "--sessions", "1"]
         + ["--shots", "5", "--seed", "0", "--out", str(tmp_path / "run"), "--json"]
     )
     run = json.loads(capsys.readouterr().out)
     (session,) = run["sessions"]
     assert run["model"]["model"] == "toy" and session["method"] == "lorsu"
-    assert session["ti"] >= 10.0, session
-    assert session["cc"] >= -5.0, session
+    assert session["ti"] >= 15.0, session
+    assert session["cc"] >= -3.0, session
 
 
 def test_chat_answers_control_images_with_the_right_words(toy):
