@@ -620,6 +620,19 @@ def read_features_and_guesses(vision, projection, text, pixels: torch.Tensor):
     return torch.cat(feats), torch.cat(guesses)
 
 
+def draw_pretend_session(rng: np.random.Generator, letter_y: np.ndarray, fewest_shots: int):
+    """One pretend session's draws: 4-10 letters, the base class each is taught as, the shots
+    per letter (`fewest_shots` to 10), and the letter images' rows to train on and to read."""
+    k = int(rng.integers(4, 11))
+    letters = rng.choice(len(LETTER_CLASSES), k, replace=False)
+    targets = rng.choice(len(BASE_CLASSES), k, replace=False)
+    shots = int(rng.integers(fewest_shots, 11))
+    rows = [np.nonzero(letter_y == c)[0] for c in letters]
+    train_idx = np.concatenate([r[:shots] for r in rows])
+    test_idx = np.concatenate([r[shots:] for r in rows])
+    return letters, targets, shots, train_idx, test_idx
+
+
 def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, log=print):
     """Features and CLIP's guesses from copies of the encoder after short CLIP-loss sessions.
 
@@ -634,19 +647,16 @@ def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, log=print):
     letter_x, letter_y = letters_dataset(50, seed, split="sessions")
     base_x, _ = base_dataset(8, seed, split="sessions")
     letter_px, base_px = to_pixels(letter_x), to_pixels(base_x)
-    letter_y = torch.from_numpy(letter_y)
+    letter_labels = torch.from_numpy(letter_y)
     rng = np.random.default_rng([seed, 7])
     gen = torch.Generator().manual_seed(seed + 7)
     scale = clip.logit_scale.exp().item()
     feats, guesses = [], []
     t0 = time.time()
     for s in range(count):
-        k = int(rng.integers(4, 11))
-        letters = rng.choice(len(LETTER_CLASSES), k, replace=False)
-        targets = torch.from_numpy(rng.choice(len(BASE_CLASSES), k, replace=False))
-        shots = int(rng.integers(5, 11))
-        train_idx = torch.cat([torch.nonzero(letter_y == c)[:shots, 0] for c in letters])
-        test_idx = torch.cat([torch.nonzero(letter_y == c)[shots:, 0] for c in letters])
+        letters, targets, shots, train_idx, test_idx = draw_pretend_session(rng, letter_y, 5)
+        k, targets = len(letters), torch.from_numpy(targets)
+        train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
         remap = torch.full((len(LETTER_CLASSES),), -1)
         remap[torch.from_numpy(letters)] = torch.arange(k)
         vision = copy.deepcopy(clip.vision_model).train()
@@ -658,7 +668,7 @@ def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, log=print):
         local_text = text[targets]
         for _ in range(steps):
             idx = train_idx[torch.randint(len(train_idx), (16,), generator=gen)]
-            y = remap[letter_y[idx]]
+            y = remap[letter_labels[idx]]
             pooled = vision(pixel_values=normalize(augment(letter_px[idx], gen))).pooler_output
             img = F.normalize(projection(pooled), dim=-1)
             loss = multi_positive_clip_loss(img, local_text[y], y, scale)
@@ -713,16 +723,9 @@ def method_sessions(clip, clip_tokenizer, vlm, processor, count: int, seed: int,
         settings = method_settings("lorsu")
         settings.update(preset_defaults("lorsu", DEFAULTS))
         for s in range(count):
-            k = int(rng.integers(4, 11))
-            letters = rng.choice(len(LETTER_CLASSES), k, replace=False)
-            targets = rng.choice(len(BASE_CLASSES), k, replace=False)
+            letters, targets, shots, train_idx, test_idx = draw_pretend_session(rng, letter_y, 3)
+            k = len(letters)
             names = {int(c): BASE_CLASSES[int(t)] for c, t in zip(letters, targets)}
-            shots = int(rng.integers(3, 11))
-            train_idx, test_idx = [], []
-            for c in letters:
-                rows = np.nonzero(letter_y == c)[0]
-                train_idx += list(rows[:shots])
-                test_idx += list(rows[shots:])
 
             def images(rows, name, names=names):
                 return LabelledImages(
