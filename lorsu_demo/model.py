@@ -553,6 +553,17 @@ class ModelInfo:
     encoder_parameters: int  # the encoder layers' weight matrices (the bulk of the count)
 
 
+def bundle_folder(model: str) -> Path:
+    """Where `model` names a bundle: a folder under assets/ (`toy`), else the path itself."""
+    return ASSETS_DIR / model if (ASSETS_DIR / model / BUNDLE_FILE).exists() else Path(model)
+
+
+def bundle_device(model: str, device):
+    """The device a bundle loads on: the one asked for, the CPU for the offline toy, else
+    None (`load_pretrained` then picks `default_device()`)."""
+    return device or ("cpu" if model == OFFLINE_PRESET else None)
+
+
 def bundle_info(
     model: str = OFFLINE_PRESET, *, device=None, clip: str | None = None
 ) -> ModelInfo | None:
@@ -562,7 +573,7 @@ def bundle_info(
         return None
     if model in PRESETS or model == "tiny-random":
         return None
-    directory = ASSETS_DIR / model if (ASSETS_DIR / model / BUNDLE_FILE).exists() else Path(model)
+    directory = bundle_folder(model)
     try:
         manifest = read_bundle_manifest(directory)
         vision = json.loads((directory / manifest["clip"] / "config.json").read_text())
@@ -573,9 +584,7 @@ def bundle_info(
         control = manifest.get("control")
         return ModelInfo(
             name=manifest.get("name", directory.name),
-            device=torch.device(device)
-            if device
-            else (torch.device("cpu") if model == OFFLINE_PRESET else default_device()),
+            device=torch.device(bundle_device(model, device) or default_device()),
             num_layers=num_layers,
             num_heads=int(vision["num_attention_heads"]),
             image_size=int(vision["image_size"]),
@@ -632,7 +641,7 @@ def _load_bundle(model: str, *, device, dtype, clip) -> Bundle:
             caption_templates=list(preset.caption_templates),
             defaults=preset.defaults,
         )
-    directory = ASSETS_DIR / model if (ASSETS_DIR / model / BUNDLE_FILE).exists() else Path(model)
+    directory = bundle_folder(model)
     if (directory / BUNDLE_FILE).exists():
         manifest = read_bundle_manifest(directory)
         control = manifest.get("control")
@@ -640,7 +649,7 @@ def _load_bundle(model: str, *, device, dtype, clip) -> Bundle:
             str(directory / manifest["vlm"]),
             clip or str(directory / manifest["clip"]),
             name=manifest.get("name", directory.name),
-            device=device or ("cpu" if model == OFFLINE_PRESET else None),
+            device=bundle_device(model, device),
             dtype=dtype,
             caption_templates=manifest.get("caption_templates"),
             control_dir=(directory / control).resolve() if control else None,
