@@ -611,7 +611,7 @@ class AppCore:
         """While this workspace's session waits for the model: its place in the line and an
         estimate of the wait from the last sessions' durations. None once it runs."""
         ws_key = self.store.resolve(key)
-        lanes = max(1, lanes or engine.lane_width(self.bundle))
+        lanes = max(1, lanes or engine.lane_width(self.info))
         now = time.monotonic()
         with self._queue_lock:
             if ws_key not in self._waiting:
