@@ -73,31 +73,35 @@ def start_app(
 
 def wait_until_served(process, port: int, timeout: float = 300) -> float:
     """Seconds until the app's page answers 200; raises if it exits or times out."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout:
-        if process.poll() is not None:
-            raise RuntimeError(f"the app exited with code {process.returncode}")
+
+    def served() -> bool:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as answer:
-                if answer.status == 200:
-                    return time.perf_counter() - started
+                return answer.status == 200
         except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the app did not serve within {timeout:.0f} s")
+            return False
+
+    return _wait_for(process, served, timeout, "serve")
 
 
 def wait_until_ready(process, log_path: Path, timeout: float = 300) -> float:
-    """Seconds until the app's log says the model is loaded (`ui.app.READY_LOG`), which is
+    """Seconds until the app's log says the model is loaded (`ui.text.READY_LOG`), which is
     after the page is served where the page is served first; raises if it exits or times out."""
+    return _wait_for(
+        process, lambda: READY_LOG in log_path.read_text(errors="replace"), timeout, "load"
+    )
+
+
+def _wait_for(process, done, timeout: float, what: str) -> float:
+    """Seconds until `done()`, polled every 0.1 s while the app runs."""
     started = time.perf_counter()
     while time.perf_counter() - started < timeout:
-        if READY_LOG in log_path.read_text(errors="replace"):
+        if done():
             return time.perf_counter() - started
         if process.poll() is not None:
             raise RuntimeError(f"the app exited with code {process.returncode}")
         time.sleep(0.1)
-    raise RuntimeError(f"the app did not load its model within {timeout:.0f} s")
+    raise RuntimeError(f"the app did not {what} within {timeout:.0f} s")
 
 
 def one_client(url, request: dict, ready, start: threading.Event, out: dict, index: int):
