@@ -111,6 +111,9 @@ def build_app(core: AppCore) -> gr.Blocks:
             on_load,
             [browser_key],
             [browser_key, status, *session_outputs, *restored],
+            # The status line stays readable (it says the model is loading, while it loads):
+            # the pending overlay goes on the Teach tab's restored controls only.
+            show_progress_on=list(restored),
             **PRIVATE,
             **LIGHT,
         )
