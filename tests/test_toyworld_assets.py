@@ -184,3 +184,29 @@ def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     assert written.clip.vision_model is written.vlm.model.vision_tower
     assert sorted(p.name for p in (tmp_path / "domains").iterdir()) == sorted(DOMAINS)
     assert written.processor.tokenizer.get_vocab() == written.clip_tokenizer.get_vocab()
+
+
+def test_ranked_questions_are_answered_with_what_clip_ranks_first_among_the_options():
+    import random
+    import re
+
+    from lorsu_demo.vqa import display_name
+
+    scores = torch.randn(len(BASE_CLASSES), generator=torch.Generator().manual_seed(0))
+    by_name = {display_name(c): float(s) for c, s in zip(BASE_CLASSES, scores)}
+    guess = BASE_CLASSES[int(scores.argmax())]
+    rng = random.Random(0)
+    without_guess = 0
+    for _ in range(200):
+        question, letter, ranked = recipe.sample_ranked_qa(scores, rng, 1.0)
+        assert ranked
+        options = dict(re.findall(r"^([A-E])\. (.+)$", question, flags=re.M))
+        assert 2 <= len(options) <= 5
+        assert letter == max(options, key=lambda k: by_name[options[k]])
+        without_guess += display_name(guess) not in options.values()
+    assert without_guess > 50  # the options often leave out CLIP's overall guess
+
+    plain, mixed = random.Random(1), random.Random(1)
+    for _ in range(50):
+        question, answer_, ranked = recipe.sample_ranked_qa(scores, mixed, 0.0)
+        assert (question, answer_) == recipe.sample_qa(guess, plain) and not ranked

