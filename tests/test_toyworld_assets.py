@@ -90,6 +90,22 @@ def test_base_model_knows_the_control_and_not_the_domains(toy):
         assert accuracy(toy, domain_test_set(name)) <= limit, name
 
 
+def test_the_read_layer_reading_knows_the_control_and_not_shuffled_labels(toy):
+    """`toyworld.transfer`'s reading of the tokens LLaVA reads: the read-layer loss made them a
+    CLIP embedding of the base world, so they know the control set; with the labels shuffled
+    among the images the same reading falls towards chance."""
+    from lorsu_demo.toyworld.transfer import read_layer_accuracy
+
+    (control,) = control_sets(toy, None)
+    assert read_layer_accuracy(toy, control) >= 90.0
+    order = torch.randperm(len(control.images.items), generator=torch.Generator().manual_seed(0))
+    labels = [control.images.items[i].label for i in order.tolist()]
+    shuffled = LabelledImages(
+        "shuffled", [Item(i.image, label) for i, label in zip(control.images.items, labels)]
+    )
+    assert read_layer_accuracy(toy, EvalSet("shuffled", shuffled, control.classes)) <= 20.0
+
+
 def test_a_seeded_session_teaches_the_chat_model_not_just_clip(tmp_path, capsys):
     """The app's promise: what a session teaches the encoder reaches the chat model's answers.
     seven-segment is the domain where the first toy world's chat moved by +0.5 only, and the

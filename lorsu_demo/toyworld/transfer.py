@@ -1,0 +1,114 @@
+"""Where one session's learning sits, and how much of it the chat reads (a development check).
+
+    python -m lorsu_demo.toyworld.transfer --data DIR [--model toy] [--method lorsu] [--seed 0]
+
+Runs one default 5-shot session on DIR, as `train --sessions 1 --shots 5` does, and reads the
+target and control sets before and after it three ways:
+
+- `clip`: CLIP's zero-shot reader (the final layer's class token through the projection);
+- `read layer`: the same zero-shot reading of the tokens LLaVA reads (layer -2's patch tokens,
+  mean-pooled, through the encoder's own final norm and projection): what of the session's
+  learning reaches the layer the chat sees;
+- `mc`: the chat model's 5-way multiple choice.
+
+The shares printed at the end say how much of CLIP's gain reached the read layer, and how much of
+the read layer's gain reached the chat's multiple choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from lorsu_demo.delta import applied
+from lorsu_demo.evaluate import EvalSet, accuracy, class_text_features, percent
+from lorsu_demo.history import History
+from lorsu_demo.model import load_bundle
+from lorsu_demo.runs import method_settings_for, plan_run, run_sessions
+from lorsu_demo.toyworld.train import read_layer_embedding
+
+READINGS = ("clip", "read layer", "mc")
+
+
+@torch.no_grad()
+def read_layer_accuracy(bundle, eval_set: EvalSet, batch_size: int = 256) -> float:
+    texts = class_text_features(
+        bundle, eval_set.classes, eval_set.templates or bundle.caption_templates
+    )
+    pixels = eval_set.pixels(bundle)
+    guesses = []
+    for start in range(0, len(pixels), batch_size):
+        out = bundle.clip.vision_model(
+            pixel_values=pixels[start : start + batch_size], output_hidden_states=True
+        )
+        embedding = read_layer_embedding(bundle.clip, out.hidden_states)
+        guesses.append((embedding @ texts.T).argmax(-1).cpu())
+    return percent(torch.cat(guesses) == eval_set.targets)
+
+
+def readings(bundle, eval_set: EvalSet) -> dict[str, float]:
+    return {
+        "clip": accuracy(bundle, eval_set, "clip"),
+        "read layer": read_layer_accuracy(bundle, eval_set),
+        "mc": accuracy(bundle, eval_set, "mc"),
+    }
+
+
+def measure(model: str, data: str, method: str = "lorsu", seed: int = 0, shots: int = 5) -> dict:
+    bundle = load_bundle(model)
+    plan = plan_run(bundle, data, None, 1, shots, seed)
+    history = History(model=model)
+    settings = method_settings_for(bundle, method, {})
+    for _ in run_sessions(bundle, history, plan, method, settings, seed):
+        pass
+    sets = [plan.target, *plan.controls]
+    bundle.clip.eval()
+    before = {s.name: readings(bundle, s) for s in sets}
+    with applied(bundle.vision_state(), [history.sessions[-1].delta]):
+        after = {s.name: readings(bundle, s) for s in sets}
+    gain = {r: after[plan.target.name][r] - before[plan.target.name][r] for r in READINGS}
+    return {
+        "data": str(data),
+        "method": method,
+        "before": before,
+        "after": after,
+        "target_gain": gain,
+        "read_layer_share_of_clip": gain["read layer"] / gain["clip"] if gain["clip"] else None,
+        "mc_share_of_read_layer": gain["mc"] / gain["read layer"] if gain["read layer"] else None,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--model", default="toy")
+    ap.add_argument("--method", default="lorsu")
+    ap.add_argument("--seed", default=0, type=int)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    result = measure(args.model, args.data, args.method, args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{args.method} on {args.data}: accuracy before -> after (clip / read layer / mc)")
+    for name in result["before"]:
+        cells = [
+            f"{result['before'][name][r]:.1f} -> {result['after'][name][r]:.1f}" for r in READINGS
+        ]
+        print(f"  {name}: {' / '.join(cells)}")
+    share_rl, share_mc = result["read_layer_share_of_clip"], result["mc_share_of_read_layer"]
+    print(
+        "  read layer's share of CLIP's gain: "
+        + ("-" if share_rl is None else f"{share_rl:.2f}")
+        + "; the chat's (mc) share of the read layer's: "
+        + ("-" if share_mc is None else f"{share_mc:.2f}")
+    )
+
+
+if __name__ == "__main__":
+    main()
