@@ -513,8 +513,8 @@ def train_llm(
 
     `weights` (optional, one per sample) sets how often each sample is drawn; `scores`
     (optional, [N, classes], NaN rows for samples with a true label) are CLIP's scores of the
-    samples labelled with its guess, of which a `ranked` share of the multiple-choice questions
-    are asked as `sample_ranked_qa` asks them; `report` (features, labels) is what the progress
+    samples labelled with its guess, a `ranked` share of whose questions are multiple choice
+    ranked by CLIP (`sample_ranked_qa`); `report` (features, labels) is what the progress
     lines measure (default: all samples).
 
     Two training aids make the matching tasks (yes/no, multiple choice) learnable for a tiny LLM
@@ -562,7 +562,8 @@ def train_llm(
             by_rank = torch.tensor([r for _, _, r in asked])
         ids, att, lab = encoder(pairs)
         words = embed(label_ids[y])  # [B, H]
-        # The guess's word alone cannot say which of options without it CLIP ranks first.
+        # A stand-in is the guess's word: it cannot tell which option CLIP ranks first when the
+        # guess is not among them.
         use = (torch.rand(batch, generator=gen) < standin) & ~by_rank
         use = use[:, None, None]
         override = torch.where(use, words[:, None, :].expand(-1, feats.shape[1], -1), nan)
