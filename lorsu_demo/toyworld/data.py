@@ -569,6 +569,20 @@ def _write_class_folders(root: Path, images: np.ndarray, labels: np.ndarray, cla
         Image.fromarray(img).save(folder / f"{k:03d}.png", optimize=True)
 
 
+def write_rendered_looks(
+    out: Path, looks: dict, prefix: str, seed: int, n_train: int, n_test: int
+) -> list[Path]:
+    """Write OUT/<name>/{train,test}/<class>/*.png for each look (name -> (render, classes)),
+    every image from its own stream of (seed, f"{prefix}-{name}", split, class, index)."""
+    folders = []
+    for name, (render, classes) in looks.items():
+        for split, n in (("train", n_train), ("test", n_test)):
+            images, labels = _rendered_set(render, f"{prefix}-{name}", classes, split, n, seed)
+            _write_class_folders(Path(out) / name / split, images, labels, classes)
+        folders.append(Path(out) / name)
+    return folders
+
+
 def domain_readme(domain: Domain, n_train: int, n_test: int) -> str:
     return (
         f"# {domain.title}\n\n"

@@ -33,8 +33,7 @@ from lorsu_demo.toyworld.data import (
     DIGITS,
     _finish,
     _gradient_background,
-    _rendered_set,
-    _write_class_folders,
+    write_rendered_looks,
 )
 
 FONT_FILES = [
@@ -113,14 +112,11 @@ def write_devlooks(
     out: Path, seed: int = 0, n_train: int = 10, n_test: int = 20, root: Path | None = None
 ) -> list[Path]:
     fonts = tuple(str(p) for p in handwriting_fonts(root))
-    folders = []
-    for name, light in (("hand-light", True), ("hand-dark", False)):
-        render = functools.partial(render_hand, fonts=fonts, light=light)
-        for split, n in (("train", n_train), ("test", n_test)):
-            images, labels = _rendered_set(render, f"dev-{name}", DIGITS, split, n, seed)
-            _write_class_folders(Path(out) / name / split, images, labels, DIGITS)
-        folders.append(Path(out) / name)
-    return folders
+    looks = {
+        name: (functools.partial(render_hand, fonts=fonts, light=light), DIGITS)
+        for name, light in (("hand-light", True), ("hand-dark", False))
+    }
+    return write_rendered_looks(out, looks, "dev", seed, n_train, n_test)
 
 
 def main(argv=None):

@@ -37,10 +37,10 @@ from lorsu_demo.toyworld.data import (
     _draw_polyline,
     _finish,
     _jitter_transform,
-    _rendered_set,
     _resample_closed,
     _shape_outline,
     _write_class_folders,
+    write_rendered_looks,
 )
 
 DIGIT_GLYPHS = "0123456789"
@@ -132,13 +132,7 @@ def write_mnist(out: Path, seed: int = 0, n_train: int = 10, n_test: int = 20) -
 
 
 def write_heldout(out: Path, seed: int = 0, n_train: int = 10, n_test: int = 20) -> list[Path]:
-    folders = []
-    for name, (render, classes) in LOOKS.items():
-        for split, n in (("train", n_train), ("test", n_test)):
-            images, labels = _rendered_set(render, f"heldout-{name}", classes, split, n, seed)
-            _write_class_folders(Path(out) / name / split, images, labels, classes)
-        folders.append(Path(out) / name)
-    return folders
+    return write_rendered_looks(out, LOOKS, "heldout", seed, n_train, n_test)
 
 
 def main(argv=None):
