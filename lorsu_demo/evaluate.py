@@ -44,14 +44,19 @@ def class_text_features(bundle, classes: list[str], templates: list[str]) -> tor
 
 
 @torch.no_grad()
-def clip_predictions(bundle, eval_set: EvalSet, batch_size: int = 64) -> torch.Tensor:
+def clip_predictions(
+    bundle, eval_set: EvalSet, batch_size: int = 64, image_features=None
+) -> torch.Tensor:
+    """CLIP's zero-shot class for every image; `image_features` (pixels -> normalised
+    embeddings, default the bundle's) lets a development check read another embedding."""
     texts = class_text_features(
         bundle, eval_set.classes, eval_set.templates or bundle.caption_templates
     )
+    image_features = image_features or bundle.image_features
     pixels = eval_set.pixels(bundle)
     predictions = []
     for start in range(0, len(pixels), batch_size):
-        features = bundle.image_features(pixels[start : start + batch_size])
+        features = image_features(pixels[start : start + batch_size])
         predictions.append((features @ texts.T).argmax(-1).cpu())
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
 

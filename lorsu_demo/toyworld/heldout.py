@@ -115,20 +115,21 @@ def write_mnist(out: Path, seed: int = 0, n_train: int = 10, n_test: int = 20) -
     pixels, digits = mnist_data()
     rng = np.random.default_rng([seed, 28])
     rows = [rng.permutation(np.flatnonzero(digits == c))[: n_train + n_test] for c in range(10)]
-    folders = []
-    for name in MNIST_LOOKS:
-        for split, part in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
-            chosen = np.concatenate([r[part] for r in rows])
-            images = []
-            for row in chosen:
-                grey = Image.fromarray(pixels[row].reshape(28, 28).astype(np.uint8))
-                grey = np.asarray(grey.resize((32, 32), Image.Resampling.BICUBIC))
-                if name == "mnist-inverted":
-                    grey = 255 - grey
-                images.append(np.repeat(grey[..., None], 3, axis=2))
+    for split, part in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
+        chosen = np.concatenate([r[part] for r in rows])
+        greys = [
+            np.asarray(
+                Image.fromarray(pixels[row].reshape(28, 28).astype(np.uint8)).resize(
+                    (32, 32), Image.Resampling.BICUBIC
+                )
+            )
+            for row in chosen
+        ]
+        for name in MNIST_LOOKS:
+            shown = [255 - g if name == "mnist-inverted" else g for g in greys]
+            images = [np.repeat(g[..., None], 3, axis=2) for g in shown]
             _write_class_folders(Path(out) / name / split, images, digits[chosen], DIGITS)
-        folders.append(Path(out) / name)
-    return folders
+    return [Path(out) / name for name in MNIST_LOOKS]
 
 
 def write_heldout(out: Path, seed: int = 0, n_train: int = 10, n_test: int = 20) -> list[Path]:

@@ -23,7 +23,7 @@ import json
 import torch
 
 from lorsu_demo.delta import applied
-from lorsu_demo.evaluate import EvalSet, accuracy, class_text_features, percent
+from lorsu_demo.evaluate import EvalSet, accuracy, clip_predictions, percent
 from lorsu_demo.history import History
 from lorsu_demo.model import load_bundle
 from lorsu_demo.runs import method_settings_for, plan_run, run_sessions
@@ -32,20 +32,13 @@ from lorsu_demo.toyworld.train import read_layer_embedding
 READINGS = ("clip", "read layer", "mc")
 
 
-@torch.no_grad()
 def read_layer_accuracy(bundle, eval_set: EvalSet, batch_size: int = 256) -> float:
-    texts = class_text_features(
-        bundle, eval_set.classes, eval_set.templates or bundle.caption_templates
-    )
-    pixels = eval_set.pixels(bundle)
-    guesses = []
-    for start in range(0, len(pixels), batch_size):
-        out = bundle.clip.vision_model(
-            pixel_values=pixels[start : start + batch_size], output_hidden_states=True
-        )
-        embedding = read_layer_embedding(bundle.clip, out.hidden_states)
-        guesses.append((embedding @ texts.T).argmax(-1).cpu())
-    return percent(torch.cat(guesses) == eval_set.targets)
+    def read_layer_features(pixels):
+        out = bundle.clip.vision_model(pixel_values=pixels, output_hidden_states=True)
+        return read_layer_embedding(bundle.clip, out.hidden_states)
+
+    guesses = clip_predictions(bundle, eval_set, batch_size, image_features=read_layer_features)
+    return percent(guesses == eval_set.targets)
 
 
 def readings(bundle, eval_set: EvalSet) -> dict[str, float]:
