@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,22 +46,97 @@ def class_text_features(bundle, classes: list[str], templates: list[str]) -> tor
     return torch.nn.functional.normalize(per_template.mean(0), dim=-1)
 
 
-@torch.no_grad()
+EVAL_BATCH = 64
+
+
+def evaluation_workers(bundle) -> int:
+    """Threads that measure accuracy together: two on a CPU whose torch runs one intra-op
+    thread (the small models, `model.limit_cpu_threads`) where the machine has a second core,
+    one otherwise. Each thread runs whole batches, so every image goes through exactly the
+    kernels it would alone: the predictions are the same, only sooner. LORSU_EVAL_THREADS
+    sets the number where the encoder holds no method's own modules (`Bundle.plain_encoder`)."""
+    if not bundle.plain_encoder():
+        return 1
+    setting = os.environ.get("LORSU_EVAL_THREADS", "")
+    if setting.isdigit():
+        return max(1, int(setting))
+    if bundle.device.type != "cpu" or torch.get_num_threads() != 1:
+        return 1
+    return min(2, usable_cores())
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _forget_pools_in_child() -> None:
+    """A forked child (ZeroGPU's GPU workers) has none of its parent's threads, though the
+    pools think they have: a job given to one would never run. The child makes its own."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
+def thread_pool(workers: int) -> ThreadPoolExecutor:
+    """One pool per size for the process (threads are made once, not per evaluation)."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="lorsu-eval")
+        return _POOLS[workers]
+
+
+def clip_predictions_many(
+    bundle,
+    eval_sets: list[EvalSet],
+    batch_size: int = EVAL_BATCH,
+    image_features=None,
+    workers: int | None = None,
+) -> list[torch.Tensor]:
+    """`clip_predictions` for several sets at once, their batches shared among `workers`
+    threads: by default `evaluation_workers` for the bundle's own features, one for others
+    (a caller's function may not be safe to run side by side)."""
+    if workers is None:
+        workers = 1 if image_features is not None else evaluation_workers(bundle)
+    image_features = image_features or bundle.image_features
+    jobs = []
+    for number, eval_set in enumerate(eval_sets):
+        texts = class_text_features(
+            bundle, eval_set.classes, eval_set.templates or bundle.caption_templates
+        )
+        pixels = eval_set.pixels(bundle)
+        jobs += [
+            (number, pixels[start : start + batch_size], texts)
+            for start in range(0, len(pixels), batch_size)
+        ]
+
+    def predict(job) -> torch.Tensor:
+        with torch.no_grad():  # (grad mode is per thread)
+            return (image_features(job[1]) @ job[2].T).argmax(-1).cpu()
+
+    if workers > 1 and len(jobs) > 1:
+        guesses = list(thread_pool(workers).map(predict, jobs))
+    else:
+        guesses = [predict(job) for job in jobs]
+    per_set = [[] for _ in eval_sets]
+    for (number, _, _), guess in zip(jobs, guesses):
+        per_set[number].append(guess)
+    return [torch.cat(g) if g else torch.zeros(0, dtype=torch.long) for g in per_set]
+
+
 def clip_predictions(
-    bundle, eval_set: EvalSet, batch_size: int = 64, image_features=None
+    bundle, eval_set: EvalSet, batch_size: int = EVAL_BATCH, image_features=None
 ) -> torch.Tensor:
     """CLIP's zero-shot class for every image; `image_features` (pixels -> normalised
     embeddings, default the bundle's) lets a development check read another embedding."""
-    texts = class_text_features(
-        bundle, eval_set.classes, eval_set.templates or bundle.caption_templates
-    )
-    image_features = image_features or bundle.image_features
-    pixels = eval_set.pixels(bundle)
-    predictions = []
-    for start in range(0, len(pixels), batch_size):
-        features = image_features(pixels[start : start + batch_size])
-        predictions.append((features @ texts.T).argmax(-1).cpu())
-    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+    return clip_predictions_many(bundle, [eval_set], batch_size, image_features)[0]
 
 
 def clip_accuracy(bundle, eval_set: EvalSet) -> float:
@@ -92,6 +170,21 @@ def accuracy(bundle, eval_set: EvalSet, reader: str = "clip") -> float:
         ) from None
 
 
+def accuracies(
+    bundle, eval_sets: list[EvalSet], reader: str = "clip", image_features=None, workers=None
+) -> dict[str, float]:
+    """`accuracy` of every set by name; CLIP's reader measures them all in one pass of shared
+    batches (`clip_predictions_many`), on `image_features` where given (a frozen copy)."""
+    if reader != "clip":
+        if image_features is not None:
+            raise ValueError("only the CLIP reader reads another encoder's features")
+        return {s.name: accuracy(bundle, s, reader) for s in eval_sets}
+    guesses = clip_predictions_many(
+        bundle, eval_sets, image_features=image_features, workers=workers
+    )
+    return {s.name: percent(g == s.targets) for s, g in zip(eval_sets, guesses)}
+
+
 BASE_CACHE_SIZE = 256
 
 
@@ -109,23 +202,28 @@ def set_fingerprint(bundle, eval_set: EvalSet, reader: str) -> str:
 
 def base_accuracy(bundle, eval_set: EvalSet, reader: str = "clip") -> float:
     """`accuracy` of the untouched model, measured once per process for a set's content and
-    reader: the base model never changes, and every user's first session on an example domain
-    measures the same sets (30 students, 30 identical base passes). Call it only with no delta
-    applied and no adapter installed (a session's base phase, under the bundle's lock)."""
+    reader (see `base_accuracies`)."""
+    return base_accuracies(bundle, [eval_set], reader)[eval_set.name]
+
+
+def base_accuracies(bundle, eval_sets: list[EvalSet], reader: str = "clip") -> dict[str, float]:
+    """`accuracies` of the untouched model, each measured once per process for a set's content
+    and reader: the base model never changes, and every user's first session on an example
+    domain measures the same sets (30 students, 30 identical base passes). Call it only with
+    no delta applied and no adapter installed (a session's base phase, under the bundle's lock)."""
     # The encoder's weights summed per tensor guard the "untouched" promise: a model whose
     # weights were changed in place (a test, a caller that forgot to restore) misses the cache.
     with torch.no_grad():
-        weights = [
+        weights = tuple(
             float(v.detach().sum(dtype=torch.float64)) for v in bundle.vision_state().values()
-        ]
-    key = (set_fingerprint(bundle, eval_set, reader), tuple(weights))
-    cached = bundle.base_cache.get(key)
-    if cached is None:
-        cached = accuracy(bundle, eval_set, reader)
+        )
+    keys = {s.name: (set_fingerprint(bundle, s, reader), weights) for s in eval_sets}
+    missing = [s for s in eval_sets if keys[s.name] not in bundle.base_cache]
+    for name, value in accuracies(bundle, missing, reader).items():
         if len(bundle.base_cache) >= BASE_CACHE_SIZE:  # drop the oldest
             bundle.base_cache.pop(next(iter(bundle.base_cache)))
-        bundle.base_cache[key] = cached
-    return cached
+        bundle.base_cache[keys[name]] = value
+    return {s.name: bundle.base_cache[keys[s.name]] for s in eval_sets}
 
 
 def ti_cc(accuracies: dict, base: dict, target: str, controls: list[str]) -> tuple[float, float]:

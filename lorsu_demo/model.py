@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import threading
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -149,6 +150,21 @@ def class_token_pooled(vision: nn.Module, pixels: torch.Tensor) -> torch.Tensor 
     return vision.post_layernorm(kept[:, 0])
 
 
+def encode_images(
+    vision: nn.Module,
+    projection: nn.Module,
+    pixel_values: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """CLIP's normalised image embeddings (the vision tower's pooled output, projected)."""
+    pixels = pixel_values.to(device, dtype)
+    pooled = class_token_pooled(vision, pixels) if device.type == "cpu" else None
+    if pooled is None:
+        pooled = vision(pixel_values=pixels).pooler_output
+    return nn.functional.normalize(projection(pooled).float(), dim=-1)
+
+
 def layers_read(feature_layer, num_layers: int) -> int:
     """How many of `num_layers` encoder layers LLaVA's `vision_feature_layer` reads."""
     if isinstance(feature_layer, (list, tuple)):
@@ -221,11 +237,40 @@ class Bundle:
         return float(self.clip.logit_scale.detach().float().exp())
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        pixels = pixel_values.to(self.device, self.dtype)
-        pooled = class_token_pooled(self.vision, pixels) if self.device.type == "cpu" else None
-        if pooled is None:
-            pooled = self.vision(pixel_values=pixels).pooler_output
-        return nn.functional.normalize(self.clip.visual_projection(pooled).float(), dim=-1)
+        return encode_images(
+            self.vision, self.clip.visual_projection, pixel_values, self.device, self.dtype
+        )
+
+    def plain_encoder(self) -> bool:
+        """Whether the encoder and projection hold only torch, transformers or peft modules
+        with no hooks: no method's module keeps state between calls (DAC's router sets its
+        gates in a hook for the batch that follows), so calls may run side by side."""
+        modules = [*self.vision.modules(), *self.clip.visual_projection.modules()]
+        return all(_plain_module(m) for m in modules)
+
+    def frozen_image_features(self):
+        """`image_features` of the encoder as it is now, on a copy that later training leaves
+        alone: pixels -> features, bit-identical to what `image_features` gives now (the same
+        modules, weights and kernels). A session measures its live points on such a copy in
+        another thread while it trains on. None where a copy would not compute what the model
+        does: a method's own modules or hooks (DAC's experts, KeepLoRA's input hooks), which a
+        copy would share with the model being trained."""
+        if not self.plain_encoder():
+            return None
+        vision, projection = self.vision, self.clip.visual_projection
+        copies = []
+        for module in (vision, projection):
+            grads = [(p, p.grad) for p in module.parameters()]
+            for param, _ in grads:  # the copy needs no gradients: do not copy them
+                param.grad = None
+            try:
+                copy = deepcopy(module).eval().requires_grad_(False)
+            finally:
+                for param, grad in grads:
+                    param.grad = grad
+            copies.append(copy)
+        device, dtype = self.device, self.dtype
+        return lambda pixels: encode_images(copies[0], copies[1], pixels, device, dtype)
 
     def unknown_words(self, labels: list[str]) -> list[str]:
         """The words of `labels` that the CLIP text side, which a session trains against, cannot

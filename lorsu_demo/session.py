@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,17 @@ from torch.optim.adam import adam as _adam
 
 from .data import Augment, LabelledImages, normalise, to_unit_pixels, validate
 from .delta import Delta, DeltaError, apply_stack, restore, snapshot
-from .evaluate import EvalSet, accuracy, base_accuracy, other_sets_change, ti_cc
+from .evaluate import (
+    EvalSet,
+    accuracies,
+    base_accuracies,
+    class_text_features,
+    evaluation_workers,
+    other_sets_change,
+    thread_pool,
+    ti_cc,
+    usable_cores,
+)
 from .events import Done, Metrics, Phase, Scores, Step, Stopped
 from .history import History, HistoryError, SessionRecord
 from .losses import clip_loss, logit_norm_surrogate
@@ -397,7 +408,7 @@ def run_session(
         new_base = {}
         if missing:
             yield Phase("base", "Measuring the untouched model on the new test sets")
-            new_base = {s.name: base_accuracy(bundle, s, reader) for s in missing}
+            new_base = base_accuracies(bundle, missing, reader)
         base = {**history.base, **new_base}
         seconds["base"] = time.perf_counter() - clock
 
@@ -473,6 +484,18 @@ def run_session(
         yield Phase("training", f"Training {total} steps")
         curve, live, pending = [], [], []
         eval_at = evaluation_steps(total, eval_points)
+        # Live points measured on a frozen copy in another thread while training goes on,
+        # where a second core would otherwise idle (`evaluation_workers`); in line otherwise.
+        # (A pool as wide as the machine: the app's CPU lanes each run a session at once.)
+        measuring: list[tuple[int, Future]] = []
+        aside = reader == "clip" and evaluation_workers(bundle) > 1
+
+        def live_point(point: tuple[int, Future]) -> Metrics:
+            measured_step, now = point[0], point[1].result()
+            ti, cc = ti_cc(now, base, target.name, [c.name for c in controls])
+            live.append({"step": measured_step, **now})
+            return Metrics(measured_step, now, now[target.name], _control(now, controls), ti, cc)
+
         step = 0
         # Train mode for the whole loop, eval mode only while measuring: switching the whole
         # CLIP's mode (a walk over every module) twice a step was a tenth of a toy step.
@@ -505,15 +528,33 @@ def run_session(
             pending = [] if flush_all else pending[-1:]
             if step in eval_at and step < total:
                 bundle.clip.eval()
-                now = {s.name: accuracy(bundle, s, reader) for s in [target, *controls]}
+                frozen = bundle.frozen_image_features() if aside else None
+                if frozen is None:
+                    now = accuracies(bundle, [target, *controls], reader)
+                    measuring.append((step, _finished(now)))
+                else:
+                    for eval_set in (target, *controls):  # shared caches: fill them here
+                        eval_set.pixels(bundle)
+                        class_text_features(
+                            bundle, eval_set.classes, eval_set.templates or bundle.caption_templates
+                        )
+                    measuring.append(
+                        (
+                            step,
+                            thread_pool(max(2, usable_cores())).submit(
+                                accuracies, bundle, [target, *controls], reader, frozen, 1
+                            ),
+                        )
+                    )
                 bundle.clip.train()
-                ti, cc = ti_cc(now, base, target.name, [c.name for c in controls])
-                live.append({"step": step, **now})
-                yield Metrics(step, now, now[target.name], _control(now, controls), ti, cc)
+            while measuring and (measuring[0][1].done() or step == total):
+                yield live_point(measuring.pop(0))
         for done_step, done_epoch, done_loss, done_lr in pending:  # a loop that ended early
             value = float(done_loss)
             curve.append({"step": done_step, "loss": value, "lr": done_lr})
             yield Step(done_step, total, done_epoch, value, done_lr)
+        while measuring:
+            yield live_point(measuring.pop(0))
         bundle.clip.eval()
         if seeded:
             seeded = False
@@ -535,18 +576,18 @@ def run_session(
 
         clock = time.perf_counter()
         yield Phase("evaluating", "Evaluating the adapted model")
-        accuracies = {s.name: accuracy(bundle, s, reader) for s in all_sets}
-        ti, cc = ti_cc(accuracies, base, target.name, [c.name for c in controls])
+        measured = accuracies(bundle, all_sets, reader)
+        ti, cc = ti_cc(measured, base, target.name, [c.name for c in controls])
         trained_here = trained_sets if trained_sets is not None else [target.name]
         others = other_sets_change(
-            accuracies, base, before, {target.name, *(c.name for c in controls), *trained_here}
+            measured, base, before, {target.name, *(c.name for c in controls), *trained_here}
         )
-        live.append({"step": total, **{n: accuracies[n] for n in target_names}})
+        live.append({"step": total, **{n: measured[n] for n in target_names}})
         yield Metrics(
             total,
-            {n: accuracies[n] for n in target_names},
-            accuracies[target.name],
-            _control(accuracies, controls),
+            {n: measured[n] for n in target_names},
+            measured[target.name],
+            _control(measured, controls),
             ti,
             cc,
         )
@@ -562,7 +603,7 @@ def run_session(
             images=len(train),
             seed=seed,
             delta=delta,
-            accuracies=accuracies,
+            accuracies=measured,
             ti=ti,
             cc=cc,
             controls=[c.name for c in controls],
@@ -596,6 +637,12 @@ def run_session(
             GLOBAL_RNG.release()
         bundle.lock.release()
     yield Done(f"Done: session {index} saved", record)
+
+
+def _finished(value) -> Future:
+    future = Future()
+    future.set_result(value)
+    return future
 
 
 _REPORTED = {"head_scores", "selected_heads", "fc1_density", "trainable_params"}

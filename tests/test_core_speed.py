@@ -85,13 +85,13 @@ def test_the_untouched_models_accuracy_is_measured_once_per_set(bundle, monkeypa
     from lorsu_demo.evaluate import EvalSet, base_accuracy
 
     calls = []
-    real = evaluate.accuracy
+    real = evaluate.accuracies
 
-    def counting(bundle, eval_set, reader="clip"):
-        calls.append(eval_set.name)
-        return real(bundle, eval_set, reader)
+    def counting(bundle, eval_sets, reader="clip"):
+        calls.extend(s.name for s in eval_sets)
+        return real(bundle, eval_sets, reader)
 
-    monkeypatch.setattr(evaluate, "accuracy", counting)
+    monkeypatch.setattr(evaluate, "accuracies", counting)
     bundle.base_cache.clear()
     classes = ["red", "green", "blue"]
     one = EvalSet("t", colour_set("test", 2, seed=2, classes=classes), classes)
@@ -107,7 +107,7 @@ def test_the_untouched_models_accuracy_is_measured_once_per_set(bundle, monkeypa
         weight.data.mul_(-1.0)
         flipped = base_accuracy(bundle, one)
         assert len(calls) == 3  # changed weights miss the cache
-        assert flipped == real(bundle, one)
+        assert flipped == real(bundle, [one])["t"]
     finally:
         weight.data.copy_(saved)
     assert base_accuracy(bundle, one) == first and len(calls) == 3
@@ -274,3 +274,125 @@ def test_images_at_the_models_size_skip_the_processor_with_the_same_pixels(bundl
         assert torch.equal(
             to_unit_pixels([*images[:3], odd], processor), processed([*images[:3], odd])
         )
+
+
+def _session_trace(bundle, method, train, target, controls, monkeypatch, eval_threads):
+    """A seeded session's events (steps and live points) and record."""
+    from lorsu_demo.events import Done, Metrics, Phase, Step
+    from lorsu_demo.methods import make_method
+    from lorsu_demo.session import run_session
+
+    monkeypatch.setenv("LORSU_EVAL_THREADS", str(eval_threads))
+    events, record = [], None
+    method = make_method(method, lr=1e-3, epochs=3, batch_size=4)
+    for event in run_session(
+        bundle, History(), method, train, target=target, controls=controls, seed=5
+    ):
+        if isinstance(event, Step):
+            events.append(("step", event.step))
+        elif isinstance(event, Metrics):
+            events.append(("metrics", event.step, event.accuracies, event.ti, event.cc))
+        elif isinstance(event, Phase):
+            events.append(("phase", event.name))
+        elif isinstance(event, Done):
+            record = event.record
+    return events, record
+
+
+def test_live_points_measured_aside_match_those_measured_in_line(
+    bundle, train_set, eval_sets, monkeypatch
+):
+    """On two evaluation threads the live points are measured on a frozen copy while training
+    goes on: the same accuracies at the same steps, the same final record, bit for bit, and
+    every point reported, in order, before training ends."""
+    target, control = eval_sets
+    for method in ("lorsu", "full"):
+        inline = _session_trace(bundle, method, train_set, target, [control], monkeypatch, 1)
+        aside = _session_trace(bundle, method, train_set, target, [control], monkeypatch, 2)
+        metrics_inline = [e for e in inline[0] if e[0] == "metrics"]
+        metrics_aside = [e for e in aside[0] if e[0] == "metrics"]
+        assert metrics_inline == metrics_aside and len(metrics_aside) >= 3, method
+        steps = [e[1] for e in metrics_aside]
+        assert steps == sorted(steps)
+        # every live point is reported after its own step and before the update is merged
+        order = [e[:2] for e in aside[0]]
+        for step in steps[1:-1]:
+            assert order.index(("step", step)) < order.index(("metrics", step))
+            assert order.index(("metrics", step)) < order.index(("phase", "merging"))
+        a, b = inline[1], aside[1]
+        assert a.accuracies == b.accuracies and a.extra["live"] == b.extra["live"]
+        assert a.delta.keys() == b.delta.keys()
+        assert all(torch.equal(a.delta[k].values, b.delta[k].values) for k in a.delta)
+
+
+def test_a_frozen_copy_reads_as_the_model_did_when_it_was_made(bundle, eval_sets):
+    from lorsu_demo.evaluate import clip_predictions_many
+
+    target, control = eval_sets
+    pixels = target.pixels(bundle)
+    frozen = bundle.frozen_image_features()
+    now = bundle.image_features(pixels)
+    assert torch.equal(frozen(pixels), now)
+    weight = bundle.vision_state()["projection.weight"]
+    saved = weight.detach().clone()
+    try:
+        weight.data.mul_(-1.0)  # training moves on; the copy does not
+        assert torch.equal(frozen(pixels), now)
+        assert not torch.equal(bundle.image_features(pixels), now)
+    finally:
+        weight.data.copy_(saved)
+    # the batches shared among two threads give the predictions one thread gives
+    one = clip_predictions_many(bundle, [target, control], batch_size=3, workers=1)
+    two = clip_predictions_many(bundle, [target, control], batch_size=3, workers=2)
+    assert all(torch.equal(x, y) for x, y in zip(one, two))
+
+
+def test_a_method_with_its_own_modules_is_measured_in_line(bundle, monkeypatch):
+    """A hook or module of a method's own (DAC's router keeps its gates between calls) would be
+    shared by a copy and by threads: such an encoder is measured on one thread, in place."""
+    from lorsu_demo.evaluate import evaluation_workers
+
+    monkeypatch.setenv("LORSU_EVAL_THREADS", "2")
+    assert evaluation_workers(bundle) == 2 and bundle.frozen_image_features() is not None
+    handle = bundle.vision.encoder.layers[0].register_forward_pre_hook(lambda m, a: None)
+    try:
+        assert evaluation_workers(bundle) == 1
+        assert bundle.frozen_image_features() is None
+    finally:
+        handle.remove()
+    assert evaluation_workers(bundle) == 2
+
+
+def test_a_forked_worker_evaluates_on_threads_of_its_own(bundle, eval_sets):
+    """ZeroGPU forks its GPU workers from the server, whose evaluation pool already has
+    threads: the child has none of them and must not hand jobs to the parent's pool (they
+    would never run: the child would hang)."""
+    import os
+    import pickle
+    import select
+    import signal
+
+    from lorsu_demo.evaluate import clip_predictions_many
+
+    target, control = eval_sets
+    expected = clip_predictions_many(bundle, [target, control], batch_size=3, workers=2)
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # the forked worker
+        try:
+            got = clip_predictions_many(bundle, [target, control], batch_size=3, workers=2)
+            os.write(writer, pickle.dumps([g.tolist() for g in got]))
+        finally:
+            os._exit(0)
+    os.close(writer)
+    try:
+        ready, _, _ = select.select([reader], [], [], 60)
+        assert ready, "the forked worker's evaluation did not finish within 60 s"
+        data = b""
+        while chunk := os.read(reader, 1 << 16):
+            data += chunk
+    finally:
+        os.close(reader)
+        os.kill(child, signal.SIGKILL)  # (a hung child would never exit)
+        os.waitpid(child, 0)
+    assert pickle.loads(data) == [e.tolist() for e in expected]
