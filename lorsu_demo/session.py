@@ -26,6 +26,7 @@ from .evaluate import (
     accuracies,
     base_accuracies,
     class_text_features,
+    count_session,
     evaluation_workers,
     other_sets_change,
     thread_pool,
@@ -402,6 +403,7 @@ def run_session(
     undo, session_undo, merged, trainable = [], [], False, []
     seeded = False
     bundle.lock.acquire()
+    count_session(+1)
     try:
         clock = time.perf_counter()
         missing = [s for s in all_sets if s.name not in history.base]
@@ -635,6 +637,7 @@ def run_session(
         bundle.clip.eval()
         if seeded:
             GLOBAL_RNG.release()
+        count_session(-1)
         bundle.lock.release()
     yield Done(f"Done: session {index} saved", record)
 

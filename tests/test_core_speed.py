@@ -396,3 +396,26 @@ def test_a_forked_worker_evaluates_on_threads_of_its_own(bundle, eval_sets):
         os.kill(child, signal.SIGKILL)  # (a hung child would never exit)
         os.waitpid(child, 0)
     assert pickle.loads(data) == [e.tolist() for e in expected]
+
+
+def test_evaluation_threads_only_where_a_core_is_left_over(bundle, monkeypatch):
+    """Two threads while the sessions running leave a core free; one once they fill every
+    core (a class on the app's CPU lanes), on a GPU, or with several torch threads."""
+    from lorsu_demo import evaluate
+
+    monkeypatch.delenv("LORSU_EVAL_THREADS", raising=False)
+    monkeypatch.setattr(evaluate, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert evaluate.evaluation_workers(bundle) == 2
+        evaluate.count_session(+1)
+        assert evaluate.evaluation_workers(bundle) == 2  # one session, a core left over
+        evaluate.count_session(+1)
+        assert evaluate.evaluation_workers(bundle) == 1  # two sessions on two cores
+        evaluate.count_session(-2)
+        torch.set_num_threads(2)
+        assert evaluate.evaluation_workers(bundle) == 1
+    finally:
+        torch.set_num_threads(before)
+    assert evaluate.running_sessions() == 0
