@@ -55,8 +55,8 @@ def evaluation_workers(bundle) -> int:
     sessions running in this process, one otherwise. Each thread runs whole batches, so every
     image goes through exactly the kernels it would alone: the predictions are the same, only
     sooner. LORSU_EVAL_THREADS sets the number where the encoder holds no method's own
-    modules (`Bundle.plain_encoder`)."""
-    if not bundle.plain_encoder():
+    modules (`Bundle.plain_encoder`) and the process is not a forked child."""
+    if _FORKED or not bundle.plain_encoder():
         return 1
     setting = os.environ.get("LORSU_EVAL_THREADS", "")
     if setting.isdigit():
@@ -90,12 +90,18 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
+_FORKED: list[bool] = []
+
+
 def _forget_pools_in_child() -> None:
-    """A forked child (ZeroGPU's GPU workers) has none of its parent's threads, though the
-    pools think they have: a job given to one would never run. The child makes its own."""
+    """A forked child (ZeroGPU's GPU workers, a CPU worker of LORSU_SHARED_DIR) has none of its
+    parent's threads, though the pools think they have: a job given to one would never run.
+    Nor may it start new ones: torch refuses to set up its thread pool in a new thread of a
+    forked child ("Invalid thread pool!"). A forked child measures on its own thread."""
     global _POOLS_LOCK
     _POOLS.clear()
     _POOLS_LOCK = threading.Lock()
+    _FORKED.append(True)
 
 
 if hasattr(os, "register_at_fork"):
@@ -138,7 +144,7 @@ def clip_predictions_many(
         with torch.no_grad():  # (grad mode is per thread)
             return (image_features(job[1]) @ job[2].T).argmax(-1).cpu()
 
-    if workers > 1 and len(jobs) > 1:
+    if workers > 1 and len(jobs) > 1 and not _FORKED:
         guesses = list(thread_pool(workers).map(predict, jobs))
     else:
         guesses = [predict(job) for job in jobs]

@@ -363,25 +363,31 @@ def test_a_method_with_its_own_modules_is_measured_in_line(bundle, monkeypatch):
     assert evaluation_workers(bundle) == 2
 
 
-def test_a_forked_worker_evaluates_on_threads_of_its_own(bundle, eval_sets):
+def test_a_forked_worker_evaluates_on_its_own_thread(bundle, eval_sets, monkeypatch):
     """ZeroGPU forks its GPU workers from the server, whose evaluation pool already has
     threads: the child has none of them and must not hand jobs to the parent's pool (they
-    would never run: the child would hang)."""
+    would never run: the child would hang), nor start threads of its own (torch refuses to
+    set up its thread pool in a new thread of a forked child, now and then)."""
     import os
     import pickle
     import select
     import signal
 
-    from lorsu_demo.evaluate import clip_predictions_many
+    from lorsu_demo.evaluate import clip_predictions_many, evaluation_workers
 
+    monkeypatch.setenv("LORSU_EVAL_THREADS", "2")
     target, control = eval_sets
+    assert evaluation_workers(bundle) == 2
     expected = clip_predictions_many(bundle, [target, control], batch_size=3, workers=2)
     reader, writer = os.pipe()
     child = os.fork()
     if child == 0:  # the forked worker
         try:
+            assert evaluation_workers(bundle) == 1
             got = clip_predictions_many(bundle, [target, control], batch_size=3, workers=2)
             os.write(writer, pickle.dumps([g.tolist() for g in got]))
+        except BaseException as error:  # said in the parent's failure
+            os.write(writer, pickle.dumps(repr(error)))
         finally:
             os._exit(0)
     os.close(writer)
