@@ -42,12 +42,20 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers for a batch, on the model as it is now (the caller applies deltas)."""
     inputs = vlm_inputs(bundle, images, questions)
-    output = bundle.vlm.generate(
+    return decode_answers(bundle, inputs, generate_tokens(bundle, inputs, max_new_tokens))
+
+
+def generate_tokens(bundle, inputs, max_new_tokens: int) -> torch.Tensor:
+    """The VLM's greedy output for prepared inputs (no tokenizer: safe beside another call)."""
+    return bundle.vlm.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=bundle.processor.tokenizer.pad_token_id,
     )
+
+
+def decode_answers(bundle, inputs, output: torch.Tensor) -> list[str]:
     new = output[:, inputs["input_ids"].shape[1] :]
     return [
         t.strip() for t in bundle.processor.tokenizer.batch_decode(new, skip_special_tokens=True)

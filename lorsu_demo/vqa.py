@@ -21,8 +21,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .chat import generate_answers, prompt_for
-from .evaluate import READERS, EvalSet, percent
+from .chat import decode_answers, generate_answers, generate_tokens, prompt_for, vlm_inputs
+from .evaluate import READERS, EvalSet, evaluation_workers, percent, thread_pool
 
 LETTERS = "ABCDE"
 DEFAULT_QUESTION = "What is in the image?"
@@ -125,11 +125,21 @@ def open_accuracy(bundle, eval_set: EvalSet) -> float:
 
 
 def _generate(bundle, images, questions, max_new_tokens, batch_size) -> list[str]:
-    answers = []
-    for start in range(0, len(images), batch_size):
-        part = slice(start, start + batch_size)
-        answers += generate_answers(bundle, images[part], questions[part], max_new_tokens)
-    return answers
+    parts = [slice(start, start + batch_size) for start in range(0, len(images), batch_size)]
+    workers = evaluation_workers(bundle)
+    if workers < 2 or len(parts) < 2:
+        answers = []
+        for part in parts:
+            answers += generate_answers(bundle, images[part], questions[part], max_new_tokens)
+        return answers
+    # The batches shared between threads, as `evaluate.clip_predictions_many` shares CLIP's:
+    # each is generated as it would be alone. The tokenizer runs here, on this thread (a fast
+    # tokenizer refuses to be used by two threads at once).
+    inputs = [vlm_inputs(bundle, images[part], questions[part]) for part in parts]
+    outputs = thread_pool(workers).map(
+        lambda prepared: generate_tokens(bundle, prepared, max_new_tokens), inputs
+    )
+    return [a for i, o in zip(inputs, outputs) for a in decode_answers(bundle, i, o)]
 
 
 # ---- the answer loss (LoRSU-Ppl) ------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Accuracy through the VLM's answers: 5-way multiple choice and open-ended (SPEC section 4)."""
 
 import json
+import threading
 
 import pytest
 from conftest import COLOURS, colour_set
@@ -75,6 +76,7 @@ def target_set():
 
 def test_readers_score_what_the_vlm_answers(bundle, monkeypatch):
     """The readers with a stand-in VLM that answers right, wrong, or right for half."""
+    monkeypatch.setenv("LORSU_EVAL_THREADS", "1")  # (two threads would not ask the stand-in)
     target = target_set()
     truth = dict(vqa.mc_questions(target))
     labels = [i.label for i in target.images.items]
@@ -129,3 +131,21 @@ def test_cli_eval_mc(colour_folder, tmp_path, capsys):
     assert 0 <= summary["sessions"][0]["target_acc"] <= 100
     history = History.load(out / HISTORY_FILE)
     assert history.sessions[0].extra["reader"] == "mc"
+
+
+def test_answers_on_two_threads_are_the_answers_on_one(bundle, monkeypatch):
+    """The readers share their batches between two threads where a core is free: each batch
+    is generated as it would be alone, in the same order."""
+    images = [item.image for item in colour_set("mixed", 6, seed=5).items]
+    questions = [vqa.mc_questions(target_set())[0][0], vqa.DEFAULT_QUESTION] * (len(images) // 2)
+    monkeypatch.setenv("LORSU_EVAL_THREADS", "1")
+    one = vqa._generate(bundle, images, questions, vqa.MC_MAX_NEW_TOKENS, batch_size=5)
+    assert len(set(one)) > 1
+    monkeypatch.setenv("LORSU_EVAL_THREADS", "2")
+    called = []
+    real = vqa.generate_tokens
+    monkeypatch.setattr(
+        vqa, "generate_tokens", lambda *a: called.append(threading.current_thread()) or real(*a)
+    )
+    assert vqa._generate(bundle, images, questions, vqa.MC_MAX_NEW_TOKENS, batch_size=5) == one
+    assert len(called) == 5 and threading.main_thread() not in called  # on the pool's threads
