@@ -425,3 +425,65 @@ def test_evaluation_threads_only_where_a_core_is_left_over(bundle, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert evaluate.running_sessions() == 0
+
+
+def test_a_stop_while_a_live_point_is_measured_aside_leaves_nothing(
+    bundle, train_set, eval_sets, monkeypatch
+):
+    """Stopped right after a live point was handed to another thread (and, a second time,
+    the generator closed there): the model is bit for bit what it was, the session no longer
+    counts as running, and the next session runs as before."""
+    from conftest import changed_keys, snapshot_model
+
+    from lorsu_demo import evaluate
+    from lorsu_demo.events import Step, Stopped
+    from lorsu_demo.methods import make_method
+    from lorsu_demo.session import run_session
+
+    monkeypatch.setenv("LORSU_EVAL_THREADS", "2")
+    target, control = eval_sets
+    submitted = []
+    real = evaluate.thread_pool
+
+    def watching(workers):
+        pool = real(workers)
+        submit = pool.submit
+
+        class Watched:
+            def submit(self, *args):
+                submitted.append(args)
+                return submit(*args)
+
+            def map(self, *args):
+                return pool.map(*args)
+
+        return Watched()
+
+    monkeypatch.setattr("lorsu_demo.session.thread_pool", watching)
+    before = snapshot_model(bundle)
+    for how in ("stop", "close"):
+        submitted.clear()
+        method = make_method("lorsu", lr=1e-3, epochs=3, batch_size=4)
+        events = run_session(
+            bundle,
+            History(),
+            method,
+            train_set,
+            target=target,
+            controls=[control],
+            seed=5,
+            should_stop=lambda how=how: bool(submitted) and how == "stop",
+        )
+        seen = []
+        for event in events:
+            seen.append(event)
+            if how == "close" and isinstance(event, Step) and submitted:
+                events.close()
+                break
+        assert submitted, "no live point was measured aside"
+        if how == "stop":
+            assert isinstance(seen[-1], Stopped)
+        assert changed_keys(before, bundle) == set()
+        assert evaluate.running_sessions() == 0
+    again, _ = _session_trace(bundle, "lorsu", train_set, target, [control], monkeypatch, 2)
+    assert [e for e in again if e[0] == "metrics"]
