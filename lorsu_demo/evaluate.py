@@ -56,8 +56,8 @@ def evaluation_workers(bundle) -> int:
     image goes through exactly the kernels it would alone: the predictions are the same, only
     sooner. LORSU_EVAL_THREADS sets the number where the encoder holds no method's own
     modules (`Bundle.plain_encoder`) and the process is not a forked child."""
-    if _FORKED or not bundle.plain_encoder():
-        return 1
+    if _FORKED or getattr(_THREAD, "in_pool", False) or not bundle.plain_encoder():
+        return 1  # (a pool's thread measures on itself: it never waits on its own pool)
     setting = os.environ.get("LORSU_EVAL_THREADS", "")
     if setting.isdigit():
         return max(1, int(setting))
@@ -86,6 +86,13 @@ def count_session(change: int) -> None:
         _RUNNING[0] += change
 
 
+_THREAD = threading.local()
+
+
+def _mark_pool_thread() -> None:
+    _THREAD.in_pool = True
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
@@ -112,7 +119,9 @@ def thread_pool(workers: int) -> ThreadPoolExecutor:
     """One pool per size for the process (threads are made once, not per evaluation)."""
     with _POOLS_LOCK:
         if workers not in _POOLS:
-            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="lorsu-eval")
+            _POOLS[workers] = ThreadPoolExecutor(
+                workers, thread_name_prefix="lorsu-eval", initializer=_mark_pool_thread
+            )
         return _POOLS[workers]
 
 

@@ -490,7 +490,7 @@ def run_session(
         # where a second core would otherwise idle (`evaluation_workers`); in line otherwise.
         # (A pool as wide as the machine: the app's CPU lanes each run a session at once.)
         measuring: list[tuple[int, Future]] = []
-        aside = reader == "clip" and evaluation_workers(bundle) > 1
+        aside = evaluation_workers(bundle) > 1
 
         def live_point(point: tuple[int, Future]) -> Metrics:
             measured_step, now = point[0], point[1].result()
@@ -530,24 +530,20 @@ def run_session(
             pending = [] if flush_all else pending[-1:]
             if step in eval_at and step < total:
                 bundle.clip.eval()
-                frozen = bundle.frozen_image_features() if aside else None
-                if frozen is None:
-                    now = accuracies(bundle, [target, *controls], reader)
-                    measuring.append((step, _finished(now)))
-                else:
-                    for eval_set in (target, *controls):  # shared caches: fill them here
+                if aside:
+                    for eval_set in (target, *controls):  # caches the copy takes along
                         eval_set.pixels(bundle)
                         class_text_features(
                             bundle, eval_set.classes, eval_set.templates or bundle.caption_templates
                         )
-                    measuring.append(
-                        (
-                            step,
-                            thread_pool(max(2, usable_cores())).submit(
-                                accuracies, bundle, [target, *controls], reader, frozen, 1
-                            ),
-                        )
-                    )
+                frozen = bundle.frozen_copy() if aside else None
+                if frozen is None:
+                    now = accuracies(bundle, [target, *controls], reader)
+                    measuring.append((step, _finished(now)))
+                else:
+                    pool = thread_pool(max(2, usable_cores()))
+                    job = pool.submit(accuracies, frozen, [target, *controls], reader)
+                    measuring.append((step, job))
                 bundle.clip.train()
             while measuring and (measuring[0][1].done() or step == total):
                 yield live_point(measuring.pop(0))

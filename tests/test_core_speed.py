@@ -276,7 +276,9 @@ def test_images_at_the_models_size_skip_the_processor_with_the_same_pixels(bundl
         )
 
 
-def _session_trace(bundle, method, train, target, controls, monkeypatch, eval_threads):
+def _session_trace(
+    bundle, method, train, target, controls, monkeypatch, eval_threads, reader="clip"
+):
     """A seeded session's events (steps and live points) and record."""
     from lorsu_demo.events import Done, Metrics, Phase, Step
     from lorsu_demo.methods import make_method
@@ -286,7 +288,7 @@ def _session_trace(bundle, method, train, target, controls, monkeypatch, eval_th
     events, record = [], None
     method = make_method(method, lr=1e-3, epochs=3, batch_size=4)
     for event in run_session(
-        bundle, History(), method, train, target=target, controls=controls, seed=5
+        bundle, History(), method, train, target=target, controls=controls, seed=5, reader=reader
     ):
         if isinstance(event, Step):
             events.append(("step", event.step))
@@ -303,12 +305,13 @@ def test_live_points_measured_aside_match_those_measured_in_line(
     bundle, train_set, eval_sets, monkeypatch
 ):
     """On two evaluation threads the live points are measured on a frozen copy while training
-    goes on: the same accuracies at the same steps, the same final record, bit for bit, and
-    every point reported, in order, before training ends."""
+    goes on, under CLIP's reader and the chat's: the same accuracies at the same steps, the
+    same final record, bit for bit, and every point reported, in order, before the merge."""
     target, control = eval_sets
-    for method in ("lorsu", "full"):
-        inline = _session_trace(bundle, method, train_set, target, [control], monkeypatch, 1)
-        aside = _session_trace(bundle, method, train_set, target, [control], monkeypatch, 2)
+    for method, reader in (("lorsu", "clip"), ("full", "clip"), ("lorsu", "mc")):
+        args = (bundle, method, train_set, target, [control], monkeypatch)
+        inline = _session_trace(*args, 1, reader)
+        aside = _session_trace(*args, 2, reader)
         metrics_inline = [e for e in inline[0] if e[0] == "metrics"]
         metrics_aside = [e for e in aside[0] if e[0] == "metrics"]
         assert metrics_inline == metrics_aside and len(metrics_aside) >= 3, method
@@ -327,20 +330,27 @@ def test_live_points_measured_aside_match_those_measured_in_line(
 
 def test_a_frozen_copy_reads_as_the_model_did_when_it_was_made(bundle, eval_sets):
     from lorsu_demo.evaluate import clip_predictions_many
+    from lorsu_demo.vqa import mc_correct
 
     target, control = eval_sets
     pixels = target.pixels(bundle)
-    frozen = bundle.frozen_image_features()
-    now = bundle.image_features(pixels)
-    assert torch.equal(frozen(pixels), now)
+    frozen = bundle.frozen_copy()
+    now, answers = bundle.image_features(pixels), mc_correct(bundle, target)
+    assert torch.equal(frozen.image_features(pixels), now)
+    assert frozen.clip.vision_model is frozen.vlm.model.vision_tower  # still one tower
+    assert frozen.vision is not bundle.vision
     weight = bundle.vision_state()["projection.weight"]
-    saved = weight.detach().clone()
+    tower = bundle.vision_state()["vision.encoder.layers.0.mlp.fc1.weight"]
+    saved = weight.detach().clone(), tower.detach().clone()
     try:
         weight.data.mul_(-1.0)  # training moves on; the copy does not
-        assert torch.equal(frozen(pixels), now)
+        tower.data.mul_(-1.0)
+        assert torch.equal(frozen.image_features(pixels), now)
+        assert torch.equal(mc_correct(frozen, target), answers)
         assert not torch.equal(bundle.image_features(pixels), now)
     finally:
-        weight.data.copy_(saved)
+        weight.data.copy_(saved[0])
+        tower.data.copy_(saved[1])
     # the batches shared among two threads give the predictions one thread gives
     one = clip_predictions_many(bundle, [target, control], batch_size=3, workers=1)
     two = clip_predictions_many(bundle, [target, control], batch_size=3, workers=2)
@@ -353,11 +363,11 @@ def test_a_method_with_its_own_modules_is_measured_in_line(bundle, monkeypatch):
     from lorsu_demo.evaluate import evaluation_workers
 
     monkeypatch.setenv("LORSU_EVAL_THREADS", "2")
-    assert evaluation_workers(bundle) == 2 and bundle.frozen_image_features() is not None
+    assert evaluation_workers(bundle) == 2 and bundle.frozen_copy() is not None
     handle = bundle.vision.encoder.layers[0].register_forward_pre_hook(lambda m, a: None)
     try:
         assert evaluation_workers(bundle) == 1
-        assert bundle.frozen_image_features() is None
+        assert bundle.frozen_copy() is None
     finally:
         handle.remove()
     assert evaluation_workers(bundle) == 2
