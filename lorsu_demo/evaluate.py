@@ -125,6 +125,14 @@ def thread_pool(workers: int) -> ThreadPoolExecutor:
         return _POOLS[workers]
 
 
+def map_batches(function, batches: list, workers: int) -> list:
+    """`function` of every batch, in order: on `workers` threads of a pool where that is more
+    than one and there is more than one batch (never in a forked child), else here."""
+    if workers > 1 and len(batches) > 1 and not _FORKED:
+        return list(thread_pool(workers).map(function, batches))
+    return [function(batch) for batch in batches]
+
+
 def clip_predictions_many(
     bundle,
     eval_sets: list[EvalSet],
@@ -153,10 +161,7 @@ def clip_predictions_many(
         with torch.no_grad():  # (grad mode is per thread)
             return (image_features(job[1]) @ job[2].T).argmax(-1).cpu()
 
-    if workers > 1 and len(jobs) > 1 and not _FORKED:
-        guesses = list(thread_pool(workers).map(predict, jobs))
-    else:
-        guesses = [predict(job) for job in jobs]
+    guesses = map_batches(predict, jobs, workers)
     per_set = [[] for _ in eval_sets]
     for (number, _, _), guess in zip(jobs, guesses):
         per_set[number].append(guess)
@@ -202,18 +207,12 @@ def accuracy(bundle, eval_set: EvalSet, reader: str = "clip") -> float:
         ) from None
 
 
-def accuracies(
-    bundle, eval_sets: list[EvalSet], reader: str = "clip", image_features=None, workers=None
-) -> dict[str, float]:
+def accuracies(bundle, eval_sets: list[EvalSet], reader: str = "clip") -> dict[str, float]:
     """`accuracy` of every set by name; CLIP's reader measures them all in one pass of shared
-    batches (`clip_predictions_many`), on `image_features` where given (a frozen copy)."""
+    batches (`clip_predictions_many`)."""
     if reader != "clip":
-        if image_features is not None:
-            raise ValueError("only the CLIP reader reads another encoder's features")
         return {s.name: accuracy(bundle, s, reader) for s in eval_sets}
-    guesses = clip_predictions_many(
-        bundle, eval_sets, image_features=image_features, workers=workers
-    )
+    guesses = clip_predictions_many(bundle, eval_sets)
     return {s.name: percent(g == s.targets) for s, g in zip(eval_sets, guesses)}
 
 

@@ -530,7 +530,7 @@ def run_session(
             pending = [] if flush_all else pending[-1:]
             if step in eval_at and step < total:
                 bundle.clip.eval()
-                if aside:
+                if aside and reader == "clip":
                     for eval_set in (target, *controls):  # caches the copy takes along
                         eval_set.pixels(bundle)
                         class_text_features(

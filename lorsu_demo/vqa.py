@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .chat import decode_answers, generate_answers, generate_tokens, prompt_for, vlm_inputs
-from .evaluate import READERS, EvalSet, evaluation_workers, percent, thread_pool
+from .evaluate import READERS, EvalSet, evaluation_workers, map_batches, percent
 
 LETTERS = "ABCDE"
 DEFAULT_QUESTION = "What is in the image?"
@@ -136,8 +136,8 @@ def _generate(bundle, images, questions, max_new_tokens, batch_size) -> list[str
     # each is generated as it would be alone. The tokenizer runs here, on this thread (a fast
     # tokenizer refuses to be used by two threads at once).
     inputs = [vlm_inputs(bundle, images[part], questions[part]) for part in parts]
-    outputs = thread_pool(workers).map(
-        lambda prepared: generate_tokens(bundle, prepared, max_new_tokens), inputs
+    outputs = map_batches(
+        lambda prepared: generate_tokens(bundle, prepared, max_new_tokens), inputs, workers
     )
     return [a for i, o in zip(inputs, outputs) for a in decode_answers(bundle, i, o)]
 
