@@ -307,11 +307,19 @@ def test_live_points_measured_aside_match_those_measured_in_line(
     """On two evaluation threads the live points are measured on a frozen copy while training
     goes on, under CLIP's reader and the chat's: the same accuracies at the same steps, the
     same final record, bit for bit, and every point reported, in order, before the merge."""
+    from lorsu_demo.model import Bundle
+
+    copies = []
+    real_copy = Bundle.frozen_copy
+    monkeypatch.setattr(Bundle, "frozen_copy", lambda self: copies.append(1) or real_copy(self))
     target, control = eval_sets
     for method, reader in (("lorsu", "clip"), ("full", "clip"), ("lorsu", "mc")):
         args = (bundle, method, train_set, target, [control], monkeypatch)
+        copies.clear()
         inline = _session_trace(*args, 1, reader)
+        assert not copies  # one thread: measured in place
         aside = _session_trace(*args, 2, reader)
+        assert len(copies) == len([e for e in aside[0] if e[0] == "metrics"]) - 2  # the live ones
         metrics_inline = [e for e in inline[0] if e[0] == "metrics"]
         metrics_aside = [e for e in aside[0] if e[0] == "metrics"]
         assert metrics_inline == metrics_aside and len(metrics_aside) >= 3, method
