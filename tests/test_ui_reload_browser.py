@@ -172,6 +172,10 @@ def test_a_waiting_session_shows_its_place_and_an_eta(served, browser):
         tour.teach_and_train(first, "Coloured squares: colours")  # the estimate's basis
         second.get_by_label("Coloured squares: mixes", exact=True).check()
         tour.wait_status(second, "Data ready")
+        # A first session long enough that the second is seen waiting for it, however fast
+        # the machine and the page's drawing are.
+        first.get_by_label("number input for Epochs").fill("60")
+        first.get_by_label("number input for Epochs").press("Enter")
         first.click("#lorsu-train")
         first.wait_for_timeout(300)
         second.click("#lorsu-train")

@@ -367,10 +367,12 @@ def wire(tab: TeachTab, core: AppCore, views: Views, status, session_outputs: li
                 continue
             # A redraw (matplotlib, then Gradio's PNG) can cost more than a training
             # step: space them by a multiple of what the last one cost, so that drawing
-            # takes at most about a fifth of the session.
+            # takes at most about a fifth of the session. Only steps and measurements
+            # change the curves; a phase, the head scores or the probes do not.
             now = time.monotonic()
             spacing = max(PLOT_EVERY, 4 * draw_cost)
-            redraw = final or not isinstance(event, Step) or now - drawn > spacing
+            step_due = isinstance(event, Step) and now - drawn > spacing
+            redraw = final or isinstance(event, Metrics) or step_due
             if isinstance(event, Step) and not redraw and now - said < STATUS_EVERY:
                 continue  # every update costs Gradio a round of work: not one per step
             said = now
