@@ -106,6 +106,45 @@ def test_the_read_layer_reading_knows_the_control_and_not_shuffled_labels(toy):
     assert read_layer_accuracy(toy, EvalSet("shuffled", shuffled, control.classes)) <= 20.0
 
 
+def test_the_read_layer_among_the_chat_options_is_never_below_its_reading_among_all(toy):
+    """`toyworld.transfer`'s "read layer 5-way": the read layer's zero-shot choice among the five
+    options the chat is offered. The right class that wins among all classes wins among five, so
+    it is at least the plain reading; on the control set both know every class, and with the
+    labels shuffled the five-way reading falls towards its chance (20%)."""
+    from lorsu_demo.toyworld.transfer import read_layer_accuracy, read_layer_option_accuracy
+
+    target = domain_test_set("seven-segment")
+    five_way, all_way = read_layer_option_accuracy(toy, target), read_layer_accuracy(toy, target)
+    assert five_way >= all_way and five_way > all_way + 5.0  # five options are easier than ten
+    (control,) = control_sets(toy, None)
+    assert read_layer_option_accuracy(toy, control) >= 90.0
+    order = torch.randperm(len(control.images.items), generator=torch.Generator().manual_seed(1))
+    labels = [control.images.items[i].label for i in order.tolist()]
+    shuffled = LabelledImages(
+        "shuffled", [Item(i.image, label) for i, label in zip(control.images.items, labels)]
+    )
+    assert read_layer_option_accuracy(toy, EvalSet("shuffled", shuffled, control.classes)) <= 35.0
+
+
+def test_the_third_stage_can_label_with_the_read_layer_guess(toy):
+    """`--mimic-reader read` labels stage 3's samples with the read layer's guess: the same
+    reading as `toyworld.transfer`'s, from the same forward as the tokens the LLM is given."""
+    from lorsu_demo.toyworld.transfer import read_layer_embedding
+
+    vision, projection = toy.clip.vision_model, toy.clip.visual_projection
+    text = recipe.class_text_embeddings(toy.clip, toy.clip_tokenizer)
+    images, _ = domain_dataset("sketches", "test", 3, 0)
+    pixels = recipe.to_pixels(images)
+    with torch.no_grad():
+        feats, by_clip = recipe.read_features_and_scores(vision, projection, text, pixels)
+        same, by_read = recipe.read_features_and_scores(vision, projection, text, pixels, "read")
+        out = vision(pixel_values=recipe.normalize(pixels), output_hidden_states=True)
+        expected = read_layer_embedding(toy.clip, out.hidden_states) @ text.T
+    assert torch.equal(feats, same)
+    torch.testing.assert_close(by_read, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(by_read, by_clip)  # two readings, not one under two names
+
+
 def test_a_seeded_session_teaches_the_chat_model_not_just_clip(tmp_path, capsys):
     """The app's promise: what a session teaches the encoder reaches the chat model's answers.
     seven-segment is the domain where the first toy world's chat moved by +0.5 only, and the

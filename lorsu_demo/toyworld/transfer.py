@@ -23,13 +23,20 @@ import json
 import torch
 
 from lorsu_demo.delta import applied
-from lorsu_demo.evaluate import EvalSet, accuracy, clip_predictions, percent
+from lorsu_demo.evaluate import (
+    EvalSet,
+    accuracy,
+    class_text_features,
+    clip_predictions,
+    percent,
+)
 from lorsu_demo.history import History
 from lorsu_demo.model import load_bundle
 from lorsu_demo.runs import method_settings_for, plan_run, run_sessions
 from lorsu_demo.toyworld.train import read_layer_embedding
+from lorsu_demo.vqa import choices_for
 
-READINGS = ("clip", "read layer", "mc")
+READINGS = ("clip", "read layer", "read layer 5-way", "mc")
 
 
 def read_layer_accuracy(bundle, eval_set: EvalSet, batch_size: int = 256) -> float:
@@ -41,10 +48,33 @@ def read_layer_accuracy(bundle, eval_set: EvalSet, batch_size: int = 256) -> flo
     return percent(guesses == eval_set.targets)
 
 
+@torch.no_grad()
+def read_layer_option_accuracy(bundle, eval_set: EvalSet) -> float:
+    """The read layer's zero-shot reading restricted to each image's multiple-choice options
+    (the same five the chat is offered): what a chat that read the read layer perfectly would
+    score on the chat's own test."""
+    pixels = eval_set.pixels(bundle)
+    out = bundle.clip.vision_model(pixel_values=pixels, output_hidden_states=True)
+    images = read_layer_embedding(bundle.clip, out.hidden_states)
+    texts = class_text_features(
+        bundle, eval_set.classes, eval_set.templates or bundle.caption_templates
+    )
+    scores = images @ texts.T
+    index = {c: i for i, c in enumerate(eval_set.classes)}
+    right = []
+    for number, item in enumerate(eval_set.images.items):
+        options, _ = choices_for(item.label, eval_set.classes, f"{eval_set.name}:{number}")
+        columns = [index[o] for o in options]
+        best = options[int(scores[number, columns].argmax())]
+        right.append(best == item.label)
+    return percent(torch.tensor(right))
+
+
 def readings(bundle, eval_set: EvalSet) -> dict[str, float]:
     return {
         "clip": accuracy(bundle, eval_set, "clip"),
         "read layer": read_layer_accuracy(bundle, eval_set),
+        "read layer 5-way": read_layer_option_accuracy(bundle, eval_set),
         "mc": accuracy(bundle, eval_set, "mc"),
     }
 
@@ -70,6 +100,9 @@ def measure(model: str, data: str, method: str = "lorsu", seed: int = 0, shots: 
         "target_gain": gain,
         "read_layer_share_of_clip": gain["read layer"] / gain["clip"] if gain["clip"] else None,
         "mc_share_of_read_layer": gain["mc"] / gain["read layer"] if gain["read layer"] else None,
+        "mc_share_of_read_layer_5way": gain["mc"] / gain["read layer 5-way"]
+        if gain["read layer 5-way"]
+        else None,
     }
 
 
@@ -88,7 +121,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{args.method} on {args.data}: accuracy before -> after (clip / read layer / mc)")
+    print(f"{args.method} on {args.data}: accuracy before -> after (" + " / ".join(READINGS) + ")")
     for name in result["before"]:
         cells = [
             f"{result['before'][name][r]:.1f} -> {result['after'][name][r]:.1f}" for r in READINGS
