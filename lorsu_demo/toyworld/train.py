@@ -126,11 +126,12 @@ def vocabulary() -> list[str]:
     return list(seen)
 
 
-def build_models(seed: int):
+def build_models(seed: int, **size_overrides):
+    sizes = {**SIZES, **size_overrides}
     words = vocabulary()
     tokenizer = build_word_tokenizer(words)
     clip_tokenizer = build_word_tokenizer(
-        words, model_max_length=SIZES["max_text_positions"], add_eos=True
+        words, model_max_length=sizes["max_text_positions"], add_eos=True
     )
     assert tokenizer.get_vocab() == clip_tokenizer.get_vocab()
     clip_config, llava_config = tiny_configs(
@@ -139,7 +140,7 @@ def build_models(seed: int):
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        **SIZES,
+        **sizes,
     )
     # Tied input/output embeddings: the word the LLM would say for an image and the same word in the
     # prompt share one vector, which makes the matching tasks (yes/no, multiple choice) learnable
@@ -648,15 +649,19 @@ def class_text_embeddings(clip, clip_tokenizer, classes=BASE_CLASSES, template=C
 
 
 @torch.no_grad()
-def read_features_and_scores(vision, projection, text, pixels: torch.Tensor):
-    """For [0, 1] pixels: the patch tokens LLaVA reads (layer -2) and CLIP's zero-shot scores
-    (cosine with each of `text`'s classes; the guess is their argmax), from one forward of one
-    encoder."""
+def read_features_and_scores(vision, projection, text, pixels: torch.Tensor, reader="clip"):
+    """For [0, 1] pixels: the patch tokens LLaVA reads (layer -2) and zero-shot scores (cosine
+    with each of `text`'s classes; the guess is their argmax), from one forward of one encoder.
+    `reader` "clip" scores CLIP's own embedding (the last layer's class token); "read" scores the
+    read layer's embedding (its patch tokens, mean-pooled, through the final norm and
+    projection), a function of exactly the tokens the LLM is given."""
     feats, scores = [], []
     for i in range(0, len(pixels), 256):
         out = vision(pixel_values=normalize(pixels[i : i + 256]), output_hidden_states=True)
-        feats.append(out.hidden_states[READ_LAYER][:, 1:])
-        img = F.normalize(projection(out.pooler_output), dim=-1)
+        patches = out.hidden_states[READ_LAYER][:, 1:]
+        feats.append(patches)
+        pooled = out.pooler_output if reader == "clip" else vision.post_layernorm(patches.mean(1))
+        img = F.normalize(projection(pooled), dim=-1)
         scores.append(img @ text.T)
     return torch.cat(feats), torch.cat(scores)
 
@@ -674,7 +679,7 @@ def draw_pretend_session(rng: np.random.Generator, letter_y: np.ndarray, fewest_
     return letters, targets, shots, train_idx, test_idx
 
 
-def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, log=print):
+def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, reader="clip", log=print):
     """Features and CLIP's guesses from copies of the encoder after short CLIP-loss sessions.
 
     Each pretend session teaches a copy of the vision encoder that a few letters (a look the LLM
@@ -718,7 +723,7 @@ def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, log=print):
             opt.step()
         vision.eval()
         for px in (letter_px[test_idx], base_px):
-            f, g = read_features_and_scores(vision, projection, text, px)
+            f, g = read_features_and_scores(vision, projection, text, px, reader)
             feats.append(f)
             scores.append(g)
         if s % 10 == 0 or s == count - 1:
@@ -729,7 +734,9 @@ def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, log=print):
     return torch.cat(feats), torch.cat(scores)
 
 
-def method_sessions(clip, clip_tokenizer, vlm, processor, count: int, seed: int, log=print):
+def method_sessions(
+    clip, clip_tokenizer, vlm, processor, count: int, seed: int, reader="clip", log=print
+):
     """Like `simulated_sessions`, but each pretend session is a real default session of the app's
     own method (`lorsu`, through `run_session` on a bundle saved from these models): the
     features move as the app's sessions move them, sparse heads and fc1 rows, not as full
@@ -789,7 +796,7 @@ def method_sessions(clip, clip_tokenizer, vlm, processor, count: int, seed: int,
             record = next(e for e in events if isinstance(e, Done)).record
             with torch.no_grad(), applied(bundle.vision_state(), [record.delta]):
                 pixels = torch.cat([letter_px[test_idx], base_px])
-                f, g = read_features_and_scores(vision, projection, text, pixels)
+                f, g = read_features_and_scores(vision, projection, text, pixels, reader)
                 feats.append(f)
                 scores.append(g)
             if s % 10 == 0 or s == count - 1:
@@ -890,6 +897,13 @@ def main(argv=None):
         help="share of the CLIP-labelled multiple-choice questions whose options need not hold "
         "CLIP's guess (answered by the option CLIP scores highest)",
     )
+    ap.add_argument(
+        "--mimic-reader",
+        default="clip",
+        choices=["clip", "read"],
+        help="whose guess labels the third stage: CLIP's embedding (clip) or the read layer's "
+        "(read: layer -2's patch tokens, mean-pooled, through the final norm and projection)",
+    )
     ap.add_argument("--mimic-sessions", default=60, type=int, help="simulated sessions")
     ap.add_argument("--mimic-letters", default=40, type=int, help="letter images per letter")
     ap.add_argument(
@@ -915,6 +929,12 @@ def main(argv=None):
         default=0.5,
         type=float,
         help="fraction of CLIP training images whose embedding skips the last encoder layer",
+    )
+    ap.add_argument(
+        "--vision-layers",
+        default=SIZES["vision_layers"],
+        type=int,
+        help="encoder layers (the chat reads the one below the last)",
     )
     ap.add_argument("--threads", default=2, type=int)
     ap.add_argument(
@@ -943,7 +963,7 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    clip, vlm, clip_tok, _, processor = build_models(args.seed)
+    clip, vlm, clip_tok, _, processor = build_models(args.seed, vision_layers=args.vision_layers)
     if args.clip_from:
         clip.load_state_dict(CLIPModel.from_pretrained(args.clip_from).float().state_dict())
         log(f"CLIP weights from {args.clip_from}")
@@ -996,10 +1016,10 @@ def main(argv=None):
         text = class_text_embeddings(clip, clip_tok)
         letter_x, _ = letters_dataset(args.mimic_letters, args.seed, split="llm")
         letter_f, letter_s = read_features_and_scores(
-            clip.vision_model, clip.visual_projection, text, to_pixels(letter_x)
+            clip.vision_model, clip.visual_projection, text, to_pixels(letter_x), args.mimic_reader
         )
         session_f, session_s = simulated_sessions(
-            clip, clip_tok, args.mimic_sessions, args.seed, log
+            clip, clip_tok, args.mimic_sessions, args.seed, args.mimic_reader, log
         )
         log(f"{len(letter_f)} letter and {len(session_f)} simulated-session samples for the LLM")
         no_scores = torch.full((len(feats), len(BASE_CLASSES)), float("nan"))
@@ -1007,7 +1027,14 @@ def main(argv=None):
         shares = [1 - args.mimic_share, args.mimic_share * 0.25, args.mimic_share * 0.75]
         if args.mimic_method_sessions > 0:
             method_f, method_s = method_sessions(
-                clip, clip_tok, vlm, processor, args.mimic_method_sessions, args.seed, log
+                clip,
+                clip_tok,
+                vlm,
+                processor,
+                args.mimic_method_sessions,
+                args.seed,
+                args.mimic_reader,
+                log,
             )
             log(f"{len(method_f)} samples from sessions of the app's own method")
             pools.append((method_f, method_s))
