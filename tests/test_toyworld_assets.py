@@ -90,6 +90,14 @@ def test_base_model_knows_the_control_and_not_the_domains(toy):
         assert accuracy(toy, domain_test_set(name)) <= limit, name
 
 
+def with_shuffled_labels(eval_set: EvalSet, seed: int) -> EvalSet:
+    items = eval_set.images.items
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))
+    labels = [items[i].label for i in order.tolist()]
+    shuffled = LabelledImages("shuffled", [Item(i.image, y) for i, y in zip(items, labels)])
+    return EvalSet("shuffled", shuffled, eval_set.classes)
+
+
 def test_the_read_layer_reading_knows_the_control_and_not_shuffled_labels(toy):
     """`toyworld.transfer`'s reading of the tokens LLaVA reads: the read-layer loss made them a
     CLIP embedding of the base world, so they know the control set; with the labels shuffled
@@ -98,12 +106,7 @@ def test_the_read_layer_reading_knows_the_control_and_not_shuffled_labels(toy):
 
     (control,) = control_sets(toy, None)
     assert read_layer_accuracy(toy, control) >= 90.0
-    order = torch.randperm(len(control.images.items), generator=torch.Generator().manual_seed(0))
-    labels = [control.images.items[i].label for i in order.tolist()]
-    shuffled = LabelledImages(
-        "shuffled", [Item(i.image, label) for i, label in zip(control.images.items, labels)]
-    )
-    assert read_layer_accuracy(toy, EvalSet("shuffled", shuffled, control.classes)) <= 20.0
+    assert read_layer_accuracy(toy, with_shuffled_labels(control, seed=0)) <= 20.0
 
 
 def test_the_read_layer_among_the_chat_options_is_never_below_its_reading_among_all(toy):
@@ -118,12 +121,7 @@ def test_the_read_layer_among_the_chat_options_is_never_below_its_reading_among_
     assert five_way >= all_way and five_way > all_way + 5.0  # five options are easier than ten
     (control,) = control_sets(toy, None)
     assert read_layer_option_accuracy(toy, control) >= 90.0
-    order = torch.randperm(len(control.images.items), generator=torch.Generator().manual_seed(1))
-    labels = [control.images.items[i].label for i in order.tolist()]
-    shuffled = LabelledImages(
-        "shuffled", [Item(i.image, label) for i, label in zip(control.images.items, labels)]
-    )
-    assert read_layer_option_accuracy(toy, EvalSet("shuffled", shuffled, control.classes)) <= 35.0
+    assert read_layer_option_accuracy(toy, with_shuffled_labels(control, seed=1)) <= 35.0
 
 
 def test_the_third_stage_can_label_with_the_read_layer_guess(toy):
