@@ -824,6 +824,7 @@ def save_bundle(out: Path, clip, clip_tokenizer, vlm, processor, defaults: dict,
     IMAGE_PROCESSOR.save_pretrained(toy / "clip")
     vlm.float()
     clip.float()
+    clip_layers = clip.config.vision_config.num_hidden_layers
     bundle = {
         "format": "lorsu-demo-bundle",
         "version": 1,
@@ -835,9 +836,10 @@ def save_bundle(out: Path, clip, clip_tokenizer, vlm, processor, defaults: dict,
         "control": "../control",
         "defaults": defaults,
         "description": (
-            "Offline toy world: a tiny CLIP (ViT 32 px, patch 8, 4 layers, width 128, 8 heads) and "
-            "a tiny LLaVA-1.5-style VLM (same vision tower, 2-layer MLP projector, 4-layer Llama "
-            "of width 128) trained from scratch on CPU on printed digits and filled shapes. "
+            f"Offline toy world: a tiny CLIP (ViT 32 px, patch 8, {clip_layers} layers, width 128, "
+            "8 heads) and a tiny LLaVA-1.5-style VLM (same vision tower, 2-layer MLP projector, "
+            "4-layer Llama of width 128) trained from scratch on CPU on printed digits and filled "
+            "shapes. "
             f"Classes: {', '.join(BASE_CLASSES)}. Example domains: {', '.join(DOMAINS)}. "
             f"Rebuild with `python -m lorsu_demo.toyworld.train --out assets --seed {seed}`."
         ),
