@@ -231,10 +231,13 @@ def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
         + ["--clip-steps", "2", "--llm-images", "2", "--llm-steps", "2", "--threads", "1"]
         + ["--domain-images", "5", "2"]
         + ["--mimic-steps", "2", "--mimic-sessions", "1", "--mimic-letters", "1"]
-        + ["--mimic-method-sessions", "1"]
+        + ["--mimic-method-sessions", "1", "--vision-layers", "3"]
     )
     written = load_bundle(str(tmp_path / "toy"))
     assert written.clip.vision_model is written.vlm.model.vision_tower
+    assert len(written.clip.vision_model.encoder.layers) == 3  # not the shipped depth, 4
+    description = json.loads((tmp_path / "toy" / "bundle.json").read_text())["description"]
+    assert "patch 8, 3 layers" in description
     assert sorted(p.name for p in (tmp_path / "domains").iterdir()) == sorted(DOMAINS)
     assert written.processor.tokenizer.get_vocab() == written.clip_tokenizer.get_vocab()
 
