@@ -3,12 +3,14 @@
     python -m lorsu_demo.toyworld.transfer --data DIR [--model toy] [--method lorsu] [--seed 0]
 
 Runs one default 5-shot session on DIR, as `train --sessions 1 --shots 5` does, and reads the
-target and control sets before and after it three ways:
+target and control sets before and after it four ways:
 
 - `clip`: CLIP's zero-shot reader (the final layer's class token through the projection);
 - `read layer`: the same zero-shot reading of the tokens LLaVA reads (layer -2's patch tokens,
   mean-pooled, through the encoder's own final norm and projection): what of the session's
   learning reaches the layer the chat sees;
+- `read layer 5-way`: that reading among the five options each image offers the chat (what a
+  chat that read the read layer perfectly would score on its own test);
 - `mc`: the chat model's 5-way multiple choice.
 
 The shares printed at the end say how much of CLIP's gain reached the read layer, and how much of
