@@ -69,16 +69,20 @@ def mc_prompt(question: str, options: list[str]) -> str:
     return "\n".join(lines)
 
 
+def mc_options(eval_set: EvalSet, seed: int = MC_SEED) -> list[tuple[list[str], str]]:
+    """(options, right letter) for every image of the set: the choices its question offers."""
+    return [
+        choices_for(item.label, eval_set.classes, f"{eval_set.name}:{index}", seed)
+        for index, item in enumerate(eval_set.images.items)
+    ]
+
+
 def mc_questions(eval_set: EvalSet, seed: int = MC_SEED) -> list[tuple[str, str]]:
     """(prompt, right letter) for every image of the set."""
     question = question_for(eval_set)
-    out = []
-    for index, item in enumerate(eval_set.images.items):
-        options, letter = choices_for(
-            item.label, eval_set.classes, f"{eval_set.name}:{index}", seed
-        )
-        out.append((mc_prompt(question, options), letter))
-    return out
+    return [
+        (mc_prompt(question, options), letter) for options, letter in mc_options(eval_set, seed)
+    ]
 
 
 def read_letter(answer: str) -> str:

@@ -249,9 +249,15 @@ def clip_training_set(n_base: int, n_letters: int, seed: int):
 def read_layer_embedding(clip: CLIPModel, hidden_states) -> torch.Tensor:
     """The CLIP embedding of the tokens LLaVA reads: layer -2's patch tokens, mean-pooled, through
     the encoder's own final norm and projection."""
-    patches = hidden_states[READ_LAYER][:, 1:].mean(1)
-    vision = clip.vision_model
-    return F.normalize(clip.visual_projection(vision.post_layernorm(patches)), dim=-1)
+    return F.normalize(
+        clip.visual_projection(read_layer_pooled(clip.vision_model, hidden_states)), dim=-1
+    )
+
+
+def read_layer_pooled(vision, hidden_states) -> torch.Tensor:
+    """Layer -2's patch tokens, mean-pooled, through the encoder's final norm: the read layer's
+    counterpart of `pooler_output`."""
+    return vision.post_layernorm(hidden_states[READ_LAYER][:, 1:].mean(1))
 
 
 def train_clip(
@@ -660,7 +666,9 @@ def read_features_and_scores(vision, projection, text, pixels: torch.Tensor, rea
         out = vision(pixel_values=normalize(pixels[i : i + 256]), output_hidden_states=True)
         patches = out.hidden_states[READ_LAYER][:, 1:]
         feats.append(patches)
-        pooled = out.pooler_output if reader == "clip" else vision.post_layernorm(patches.mean(1))
+        pooled = (
+            out.pooler_output if reader == "clip" else read_layer_pooled(vision, out.hidden_states)
+        )
         img = F.normalize(projection(pooled), dim=-1)
         scores.append(img @ text.T)
     return torch.cat(feats), torch.cat(scores)

@@ -25,58 +25,61 @@ import json
 import torch
 
 from lorsu_demo.delta import applied
-from lorsu_demo.evaluate import (
-    EvalSet,
-    accuracy,
-    class_text_features,
-    clip_predictions,
-    percent,
-)
+from lorsu_demo.evaluate import EvalSet, accuracy, class_text_features, percent
 from lorsu_demo.history import History
 from lorsu_demo.model import load_bundle
 from lorsu_demo.runs import method_settings_for, plan_run, run_sessions
 from lorsu_demo.toyworld.train import read_layer_embedding
-from lorsu_demo.vqa import choices_for
+from lorsu_demo.vqa import mc_options
 
 READINGS = ("clip", "read layer", "read layer 5-way", "mc")
 
 
-def read_layer_accuracy(bundle, eval_set: EvalSet, batch_size: int = 256) -> float:
-    def read_layer_features(pixels):
-        out = bundle.clip.vision_model(pixel_values=pixels, output_hidden_states=True)
-        return read_layer_embedding(bundle.clip, out.hidden_states)
-
-    guesses = clip_predictions(bundle, eval_set, batch_size, image_features=read_layer_features)
-    return percent(guesses == eval_set.targets)
-
-
 @torch.no_grad()
-def read_layer_option_accuracy(bundle, eval_set: EvalSet) -> float:
-    """The read layer's zero-shot reading restricted to each image's multiple-choice options
-    (the same five the chat is offered): what a chat that read the read layer perfectly would
-    score on the chat's own test."""
-    pixels = eval_set.pixels(bundle)
-    out = bundle.clip.vision_model(pixel_values=pixels, output_hidden_states=True)
-    images = read_layer_embedding(bundle.clip, out.hidden_states)
+def read_layer_scores(bundle, eval_set: EvalSet, batch_size: int = 256) -> torch.Tensor:
+    """[images, classes]: the read layer's embedding of each image against each class's text."""
     texts = class_text_features(
         bundle, eval_set.classes, eval_set.templates or bundle.caption_templates
     )
-    scores = images @ texts.T
+    pixels = eval_set.pixels(bundle)
+    scores = []
+    for start in range(0, len(pixels), batch_size):
+        out = bundle.clip.vision_model(
+            pixel_values=pixels[start : start + batch_size], output_hidden_states=True
+        )
+        scores.append(read_layer_embedding(bundle.clip, out.hidden_states) @ texts.T)
+    return torch.cat(scores)
+
+
+def accuracy_among_all(scores: torch.Tensor, eval_set: EvalSet) -> float:
+    return percent(scores.argmax(1) == eval_set.targets)
+
+
+def accuracy_among_options(scores: torch.Tensor, eval_set: EvalSet) -> float:
+    """The reading restricted to each image's multiple-choice options (the same five the chat is
+    offered): what a chat that read it perfectly would score on the chat's own test."""
     index = {c: i for i, c in enumerate(eval_set.classes)}
     right = []
-    for number, item in enumerate(eval_set.images.items):
-        options, _ = choices_for(item.label, eval_set.classes, f"{eval_set.name}:{number}")
-        columns = [index[o] for o in options]
-        best = options[int(scores[number, columns].argmax())]
+    for row, item, (options, _) in zip(scores, eval_set.images.items, mc_options(eval_set)):
+        best = options[int(row[[index[o] for o in options]].argmax())]
         right.append(best == item.label)
     return percent(torch.tensor(right))
 
 
+def read_layer_accuracy(bundle, eval_set: EvalSet) -> float:
+    return accuracy_among_all(read_layer_scores(bundle, eval_set), eval_set)
+
+
+def read_layer_option_accuracy(bundle, eval_set: EvalSet) -> float:
+    return accuracy_among_options(read_layer_scores(bundle, eval_set), eval_set)
+
+
 def readings(bundle, eval_set: EvalSet) -> dict[str, float]:
+    read_layer = read_layer_scores(bundle, eval_set)
     return {
         "clip": accuracy(bundle, eval_set, "clip"),
-        "read layer": read_layer_accuracy(bundle, eval_set),
-        "read layer 5-way": read_layer_option_accuracy(bundle, eval_set),
+        "read layer": accuracy_among_all(read_layer, eval_set),
+        "read layer 5-way": accuracy_among_options(read_layer, eval_set),
         "mc": accuracy(bundle, eval_set, "mc"),
     }
 
