@@ -20,7 +20,9 @@ from lorsu_demo.runs import control_sets
 from lorsu_demo.toyworld import train as recipe
 from lorsu_demo.toyworld.data import (
     BASE_CLASSES,
+    BASE_LOOKS,
     DOMAINS,
+    base_looks_dataset,
     control_dataset,
     domain_dataset,
     letters_dataset,
@@ -231,7 +233,7 @@ def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
         + ["--clip-steps", "2", "--llm-images", "2", "--llm-steps", "2", "--threads", "1"]
         + ["--domain-images", "5", "2"]
         + ["--mimic-steps", "2", "--mimic-sessions", "1", "--mimic-letters", "1"]
-        + ["--mimic-method-sessions", "1", "--vision-layers", "3"]
+        + ["--mimic-method-sessions", "1", "--mimic-look-sessions", "1", "--vision-layers", "3"]
     )
     written = load_bundle(str(tmp_path / "toy"))
     assert written.clip.vision_model is written.vlm.model.vision_tower
@@ -240,6 +242,50 @@ def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     assert "patch 8, 3 layers" in description
     assert sorted(p.name for p in (tmp_path / "domains").iterdir()) == sorted(DOMAINS)
     assert written.processor.tokenizer.get_vocab() == written.clip_tokenizer.get_vocab()
+
+
+def test_option_distillation_is_least_when_the_letters_follow_the_readers_softmax():
+    """`--mimic-soft`: a ranked question's answer letter is trained towards the reader's softmax
+    over its options; rows without options (true labels) take no part."""
+    letters = torch.tensor([15, 66, 67, 68, 69])
+    scores = torch.zeros(2, len(BASE_CLASSES))
+    options = ["one", "seven", "two"]
+    scores[0, [BASE_CLASSES.index(c) for c in options]] = torch.tensor([0.30, 0.32, 0.25])
+    asked = [("q", "B", options), ("q", "A", None)]
+    labels = torch.full((2, 4), -100)
+    labels[:, 2] = 15
+    target = torch.softmax(100 * torch.tensor([0.30, 0.32, 0.25]), 0)
+    following = torch.full((2, 4, 80), -30.0)
+    following[0, 1, letters[:3]] = target.log()
+    loss = recipe.option_distillation_loss(following, labels, asked, scores, letters, 100.0)
+    entropy = -(target * target.log()).sum()
+    torch.testing.assert_close(loss, entropy, rtol=1e-4, atol=1e-4)
+    only_best = following.clone()
+    only_best[0, 1, letters[:3]] = torch.tensor([-30.0, 0.0, -30.0])
+    assert recipe.option_distillation_loss(only_best, labels, asked, scores, letters, 100.0) > (
+        loss + 0.1
+    )
+
+
+def test_the_recipe_refuses_to_distil_options_without_ranked_questions(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        recipe.main(["--out", str(tmp_path), "--mimic-soft", "1"])
+    assert "--mimic-ranked" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_base_looks_draw_every_base_class_in_each_new_look_and_no_domain_look():
+    """Stage 3's look sessions teach base classes in the letters' looks; not in "outline", which
+    for shapes is the sketches domain's look, and not in the base world's own printed look."""
+    assert "outline" not in BASE_LOOKS and "printed" not in BASE_LOOKS
+    images, labels, looks = base_looks_dataset(2, seed=0, split="check")
+    assert images.shape == (len(BASE_LOOKS) * len(BASE_CLASSES) * 2, 32, 32, 3)
+    for j in range(len(BASE_LOOKS)):
+        assert np.bincount(labels[looks == j], minlength=len(BASE_CLASSES)).tolist() == [2] * 18
+    brightness = {look: images[looks == j].mean() for j, look in enumerate(BASE_LOOKS)}
+    assert brightness["inverted"] < 110 < brightness["low-res"]  # light ink on dark, and not
+    again, _, _ = base_looks_dataset(2, seed=0, split="check")
+    assert np.array_equal(images, again)
 
 
 def test_ranked_questions_are_answered_with_what_clip_ranks_first_among_the_options():

@@ -254,12 +254,45 @@ def _letter_mask(letter: str, rng: np.random.Generator, stroke: int = 0) -> Imag
 def render_letter(letter: str, rng: np.random.Generator) -> np.ndarray:
     """A letter in one of several looks (see LETTER_LOOKS), none of them an example domain's."""
     look = LETTER_LOOKS[rng.integers(len(LETTER_LOOKS))]
+    return _render_in_look(lambda r, stroke: _letter_mask(letter, r, stroke), look, rng)
+
+
+def _base_mask(label: str, rng: np.random.Generator, stroke: int = 0) -> Image.Image:
+    """A base class's figure as a mask: the digit's strokes, or the filled shape; `stroke`
+    thickens it by that many pixels, as a font's stroke does."""
+    mask = Image.new("L", (_S, _S), 0)
+    draw = ImageDraw.Draw(mask)
+    if label in DIGITS:
+        tf = _jitter_transform(rng, scale=(0.62, 0.88))
+        width = rng.uniform(0.05, 0.09) * _S + 2 * stroke
+        for digit_stroke in _digit_strokes(DIGITS.index(label)):
+            _draw_polyline(draw, tf(digit_stroke), 255, width)
+    else:
+        tf = _jitter_transform(rng, scale=(0.62, 0.88), shear=0.08)
+        points = [tuple(p) for p in tf(_shape_outline(label))]
+        draw.polygon(points, fill=255)
+        if stroke:
+            draw.line(points + points[:1], fill=255, width=2 * stroke, joint="curve")
+    return mask
+
+
+def render_base_in_look(label: str, look: str, rng: np.random.Generator) -> np.ndarray:
+    """A base class (digit or shape) in one of the letters' looks: a new look of a known class,
+    as a session's domain is (used by the recipe's third stage only, never an example domain)."""
+    figure = int(rng.integers(2**32))  # the thick and thin figures of "outline" must coincide
+    return _render_in_look(
+        lambda _, stroke: _base_mask(label, np.random.default_rng(figure), stroke), look, rng
+    )
+
+
+def _render_in_look(mask_of, look: str, rng: np.random.Generator) -> np.ndarray:
+    """The figure `mask_of(rng, stroke)` draws, in `look` (one of LETTER_LOOKS)."""
     state = rng.bit_generator.state
     weight = int(rng.uniform(0.02, 0.06) * _S)
-    mask = _letter_mask(letter, rng, stroke=weight)
+    mask = mask_of(rng, weight)
     if look == "outline":
-        rng.bit_generator.state = state  # the same letter, drawn thinner, cut out of the thick one
-        inner = _letter_mask(letter, rng, stroke=0)
+        rng.bit_generator.state = state  # the same figure, drawn thinner, cut out of the thick one
+        inner = mask_of(rng, 0)
         mask = Image.fromarray(
             np.clip(np.asarray(mask, np.int16) - np.asarray(inner, np.int16), 0, 255).astype(
                 np.uint8
@@ -517,6 +550,31 @@ def letters_dataset(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Letters in many looks, class-major, labels index LETTER_CLASSES (base training only)."""
     return _rendered_set(render_letter, "letters", LETTER_CLASSES, split, n_per_class, seed)
+
+
+# Not "printed" (the base world's own) nor "outline" (shapes as outlines are the sketches domain).
+BASE_LOOKS = [look for look in LETTER_LOOKS if look not in ("printed", "outline")]
+
+
+def base_looks_dataset(
+    n_per_class: int, seed: int = 0, split: str = "sessions"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The base classes in each of BASE_LOOKS, look-major then class-major: (uint8 images,
+    int64 labels into BASE_CLASSES, int64 look indices into BASE_LOOKS)."""
+    images, labels, looks = [], [], []
+    for j, look in enumerate(BASE_LOOKS):
+        x, y = _rendered_set(
+            functools.partial(_render_look, look), f"base-{look}", BASE_CLASSES, split,
+            n_per_class, seed,
+        )  # fmt: skip
+        images.append(x)
+        labels.append(y)
+        looks.append(np.full(len(y), j))
+    return np.concatenate(images), np.concatenate(labels), np.concatenate(looks)
+
+
+def _render_look(look: str, label: str, rng: np.random.Generator) -> np.ndarray:
+    return render_base_in_look(label, look, rng)
 
 
 def control_dataset(n_per_class: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

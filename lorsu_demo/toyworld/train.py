@@ -49,6 +49,7 @@ from lorsu_demo.tiny import (
 )
 from lorsu_demo.toyworld.data import (
     BASE_CLASSES,
+    BASE_LOOKS,
     CAPTION_TEMPLATE,
     DIGITS,
     DOMAINS,
@@ -58,6 +59,7 @@ from lorsu_demo.toyworld.data import (
     SHAPES,
     TRAIN_CAPTION_TEMPLATES,
     base_dataset,
+    base_looks_dataset,
     control_dataset,
     letters_dataset,
     write_data,
@@ -393,15 +395,21 @@ def sample_ranked_qa(scores: torch.Tensor, rng: random.Random, ranked: float):
     among them; so the chat learns to choose as CLIP would among the options it is given, not
     only to name CLIP's overall guess.
     """
+    question, answer, options = sample_ranked_mc(scores, rng, ranked)
+    return question, answer, options is not None
+
+
+def sample_ranked_mc(scores: torch.Tensor, rng: random.Random, ranked: float):
+    """`sample_ranked_qa`, with the options of a ranked question in their order (else None)."""
     guess = BASE_CLASSES[int(scores.argmax())]
     if ranked <= 0 or rng.random() >= ranked:
-        return *sample_qa(guess, rng), False
+        return *sample_qa(guess, rng), None
     family = DIGITS if guess in DIGITS else SHAPES
     pool = family if rng.random() < 0.7 else BASE_CLASSES
     n = 5 if rng.random() < 0.5 else rng.randint(2, 4)
     options = rng.sample(pool, n)
     best = max(options, key=lambda c: float(scores[BASE_CLASSES.index(c)]))
-    return mc_prompt(rng.choice(OPEN_QUESTIONS), options), LETTERS[options.index(best)], True
+    return mc_prompt(rng.choice(OPEN_QUESTIONS), options), LETTERS[options.index(best)], options
 
 
 class QAEncoder:
@@ -470,6 +478,21 @@ def answer_loss(logits, labels):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def option_distillation_loss(logits, labels, asked, scores, letter_ids, scale: float):
+    """Cross-entropy of the answer letter's distribution against the reader's softmax over each
+    ranked question's options (rows whose third item, the options, is None are left out)."""
+    first = (labels != -100).float().argmax(1)
+    terms = []
+    for row, (_, _, options) in enumerate(asked):
+        if options is None:
+            continue
+        option_scores = scores[row, [BASE_CLASSES.index(c) for c in options]]
+        target = torch.softmax(scale * option_scores, dim=0)
+        log_probs = torch.log_softmax(logits[row, first[row] - 1], dim=-1)
+        terms.append(-(target * log_probs[letter_ids[: len(options)]]).sum())
+    return torch.stack(terms).mean()
+
+
 def _task(question: str) -> str:
     if MC_INSTRUCTION in question:
         return "mc"
@@ -513,6 +536,8 @@ def train_llm(
     weights=None,
     scores=None,
     ranked=0.0,
+    soft=0.0,
+    soft_scale=100.0,
     report=None,
     log=print,
 ):
@@ -521,8 +546,10 @@ def train_llm(
     `weights` (optional, one per sample) sets how often each sample is drawn; `scores`
     (optional, [N, classes], NaN rows for samples with a true label) are CLIP's scores of the
     samples labelled with its guess, a `ranked` share of whose questions are multiple choice
-    ranked by CLIP (`sample_ranked_qa`); `report` (features, labels) is what the progress
-    lines measure (default: all samples).
+    ranked by CLIP (`sample_ranked_qa`); with `soft` > 0, a ranked question's answer letter is
+    also trained (that weight) towards the reader's own choice among the options, the softmax
+    of `soft_scale` times its scores (distillation: the whole ranking, not only the best);
+    `report` (features, labels) is what the progress lines measure (default: all samples).
 
     Two training aids make the matching tasks (yes/no, multiple choice) learnable for a tiny LLM
     trained from nothing; neither exists at inference, where the VLM is a plain LLaVA:
@@ -541,6 +568,7 @@ def train_llm(
     encoder = QAEncoder(processor)
     tok = processor.tokenizer
     label_ids = torch.tensor([tok.convert_tokens_to_ids(c) for c in BASE_CLASSES])
+    letter_ids = torch.tensor([tok(c, add_special_tokens=False).input_ids[0] for c in LETTERS])
     embed = vlm.get_input_embeddings()
     labels_t = torch.as_tensor(labels)
     nan = torch.tensor(float("nan"))
@@ -560,13 +588,13 @@ def train_llm(
             by_rank = torch.zeros(batch, dtype=torch.bool)
         else:
             asked = [
-                (*sample_qa(BASE_CLASSES[i], rng), False)
+                (*sample_qa(BASE_CLASSES[i], rng), None)
                 if scores[j].isnan().any()
-                else sample_ranked_qa(scores[j], rng, ranked)
+                else sample_ranked_mc(scores[j], rng, ranked)
                 for i, j in zip(y.tolist(), idx.tolist())
             ]
             pairs = [(q, a) for q, a, _ in asked]
-            by_rank = torch.tensor([r for _, _, r in asked])
+            by_rank = torch.tensor([o is not None for _, _, o in asked])
         ids, att, lab = encoder(pairs)
         words = embed(label_ids[y])  # [B, H]
         # A stand-in is the guess's word: it cannot tell which option CLIP ranks first when the
@@ -578,7 +606,12 @@ def train_llm(
         if pooled > 0:
             pool = (torch.rand(batch, generator=gen) < pooled)[:, None, None]
             seen = torch.where(pool, seen.mean(1, keepdim=True).expand_as(seen), seen)
-        loss = answer_loss(llava_logits_from_features(vlm, seen, ids, att, override), lab)
+        logits = llava_logits_from_features(vlm, seen, ids, att, override)
+        loss = answer_loss(logits, lab)
+        if soft > 0 and by_rank.any():
+            loss = loss + soft * option_distillation_loss(
+                logits, lab, asked, scores[idx], letter_ids, soft_scale
+            )
         if align > 0:
             proj = vlm.model.multi_modal_projector(seen).mean(1)
             loss = loss + align * (1 - F.cosine_similarity(proj, words.detach(), dim=-1)).mean()
@@ -687,6 +720,80 @@ def draw_pretend_session(rng: np.random.Generator, letter_y: np.ndarray, fewest_
     return letters, targets, shots, train_idx, test_idx
 
 
+def taught_copy(clip, pixels, labels, class_text, lr: float, steps: int, gen):
+    """A copy of the vision encoder and its projection after `steps` Adam steps of batch 16 of
+    the CLIP loss on augmented `pixels`, whose `labels` index `class_text`'s rows."""
+    vision = copy.deepcopy(clip.vision_model).train().requires_grad_(True)
+    projection = copy.deepcopy(clip.visual_projection).requires_grad_(True)
+    params = list(vision.parameters()) + list(projection.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    scale = clip.logit_scale.exp().item()
+    for _ in range(steps):
+        idx = torch.randint(len(pixels), (16,), generator=gen)
+        y = labels[idx]
+        pooled = vision(pixel_values=normalize(augment(pixels[idx], gen))).pooler_output
+        img = F.normalize(projection(pooled), dim=-1)
+        loss = multi_positive_clip_loss(img, class_text[y], y, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return vision.eval(), projection
+
+
+def pretend_session(
+    clip, text, pixels, labels, class_text, read, rng, gen, reader, feats: list, scores: list
+) -> tuple[float, int]:
+    """One pretend session: a learning rate (log-uniform, 5e-5 to 5e-4) and a length (20-80
+    steps) drawn from `rng`, a copy taught on (`pixels`, `labels`) (`taught_copy`), then the
+    copy's read features and scores of each pixel set in `read`, appended to `feats` and
+    `scores`. Returns the learning rate and length drawn."""
+    lr = float(np.exp(rng.uniform(np.log(5e-5), np.log(5e-4))))
+    steps = int(rng.integers(20, 81))
+    vision, projection = taught_copy(clip, pixels, labels, class_text, lr, steps, gen)
+    for px in read:
+        f, g = read_features_and_scores(vision, projection, text, px, reader)
+        feats.append(f)
+        scores.append(g)
+    return lr, steps
+
+
+def look_sessions(clip, clip_tokenizer, count: int, seed: int, reader="clip", log=print):
+    """Like `simulated_sessions`, but each pretend session is what a user's session is: a few
+    base classes (digits or shapes) in one new look (BASE_LOOKS), taught as themselves from 5-10
+    shots each. The copy's read features of other images of them in that look, and of base
+    images, are labelled with the copy's CLIP guess."""
+    text = class_text_embeddings(clip, clip_tokenizer)
+    look_x, look_y, look_of = base_looks_dataset(24, seed, split="sessions")
+    base_x, _ = base_dataset(8, seed, split="look-sessions")
+    look_px, base_px = to_pixels(look_x), to_pixels(base_x)
+    rng = np.random.default_rng([seed, 13])
+    gen = torch.Generator().manual_seed(seed + 13)
+    families = [np.arange(len(DIGITS)), len(DIGITS) + np.arange(len(SHAPES))]
+    feats, scores = [], []
+    t0 = time.time()
+    for s in range(count):
+        look = int(rng.integers(len(BASE_LOOKS)))
+        family = families[int(rng.integers(2))]
+        classes = rng.choice(family, int(rng.integers(4, len(family) + 1)), replace=False)
+        shots = int(rng.integers(5, 11))
+        rows = [np.nonzero((look_of == look) & (look_y == c))[0] for c in classes]
+        train_idx = torch.from_numpy(np.concatenate([r[:shots] for r in rows]))
+        test_idx = torch.from_numpy(np.concatenate([r[shots:] for r in rows]))
+        remap = torch.full((len(BASE_CLASSES),), -1)
+        remap[torch.from_numpy(classes)] = torch.arange(len(classes))
+        labels = remap[torch.from_numpy(look_y)]
+        lr, steps = pretend_session(
+            clip, text, look_px[train_idx], labels[train_idx], text[torch.from_numpy(classes)],
+            (look_px[test_idx], base_px), rng, gen, reader, feats, scores,
+        )  # fmt: skip
+        if s % 10 == 0 or s == count - 1:
+            log(
+                f"look session {s + 1}/{count}: {len(classes)} classes, {BASE_LOOKS[look]}, "
+                f"lr {lr:.1e}, {steps} steps ({time.time() - t0:.0f}s)"
+            )
+    return torch.cat(feats), torch.cat(scores)
+
+
 def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, reader="clip", log=print):
     """Features and CLIP's guesses from copies of the encoder after short CLIP-loss sessions.
 
@@ -704,7 +811,6 @@ def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, reader="clip
     letter_labels = torch.from_numpy(letter_y)
     rng = np.random.default_rng([seed, 7])
     gen = torch.Generator().manual_seed(seed + 7)
-    scale = clip.logit_scale.exp().item()
     feats, scores = [], []
     t0 = time.time()
     for s in range(count):
@@ -713,27 +819,10 @@ def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, reader="clip
         train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
         remap = torch.full((len(LETTER_CLASSES),), -1)
         remap[torch.from_numpy(letters)] = torch.arange(k)
-        vision = copy.deepcopy(clip.vision_model).train()
-        projection = copy.deepcopy(clip.visual_projection)
-        params = list(vision.parameters()) + list(projection.parameters())
-        lr = float(np.exp(rng.uniform(np.log(5e-5), np.log(5e-4))))
-        steps = int(rng.integers(20, 81))
-        opt = torch.optim.Adam(params, lr=lr)
-        local_text = text[targets]
-        for _ in range(steps):
-            idx = train_idx[torch.randint(len(train_idx), (16,), generator=gen)]
-            y = remap[letter_labels[idx]]
-            pooled = vision(pixel_values=normalize(augment(letter_px[idx], gen))).pooler_output
-            img = F.normalize(projection(pooled), dim=-1)
-            loss = multi_positive_clip_loss(img, local_text[y], y, scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        vision.eval()
-        for px in (letter_px[test_idx], base_px):
-            f, g = read_features_and_scores(vision, projection, text, px, reader)
-            feats.append(f)
-            scores.append(g)
+        lr, steps = pretend_session(
+            clip, text, letter_px[train_idx], remap[letter_labels[train_idx]], text[targets],
+            (letter_px[test_idx], base_px), rng, gen, reader, feats, scores,
+        )  # fmt: skip
         if s % 10 == 0 or s == count - 1:
             log(
                 f"simulated session {s + 1}/{count}: {k} letters, lr {lr:.1e}, {steps} steps "
@@ -908,6 +997,13 @@ def main(argv=None):
         "CLIP's guess (answered by the option CLIP scores highest)",
     )
     ap.add_argument(
+        "--mimic-soft",
+        default=0.0,
+        type=float,
+        help="weight of distilling the reader's softmax over a ranked question's options into the "
+        "answer letter (needs --mimic-ranked)",
+    )
+    ap.add_argument(
         "--mimic-reader",
         default="clip",
         choices=["clip", "read"],
@@ -924,6 +1020,18 @@ def main(argv=None):
     )
     ap.add_argument(
         "--mimic-method-share",
+        default=0.5,
+        type=float,
+        help="their part of the simulated sessions' share",
+    )
+    ap.add_argument(
+        "--mimic-look-sessions",
+        default=0,
+        type=int,
+        help="simulated sessions that teach base classes in a new look (as users' sessions do)",
+    )
+    ap.add_argument(
+        "--mimic-look-share",
         default=0.5,
         type=float,
         help="their part of the simulated sessions' share",
@@ -958,6 +1066,8 @@ def main(argv=None):
     ap.add_argument("--clip-from", type=Path, help="(development) reuse a trained clip/ folder")
     ap.add_argument("--llm-from", type=Path, help="(development) start the LLM from a vlm/ folder")
     args = ap.parse_args(argv)
+    if args.mimic_soft > 0 and args.mimic_ranked <= 0:
+        ap.error("--mimic-soft distils the ranked questions' options: give --mimic-ranked too")
     torch.set_num_threads(args.threads)
     t0 = time.time()
 
@@ -1028,9 +1138,12 @@ def main(argv=None):
         letter_f, letter_s = read_features_and_scores(
             clip.vision_model, clip.visual_projection, text, to_pixels(letter_x), args.mimic_reader
         )
-        session_f, session_s = simulated_sessions(
-            clip, clip_tok, args.mimic_sessions, args.seed, args.mimic_reader, log
-        )
+        if args.mimic_sessions > 0:
+            session_f, session_s = simulated_sessions(
+                clip, clip_tok, args.mimic_sessions, args.seed, args.mimic_reader, log
+            )
+        else:
+            session_f, session_s = letter_f[:0], letter_s[:0]
         log(f"{len(letter_f)} letter and {len(session_f)} simulated-session samples for the LLM")
         no_scores = torch.full((len(feats), len(BASE_CLASSES)), float("nan"))
         pools = [(feats, no_scores), (letter_f, letter_s), (session_f, session_s)]
@@ -1049,8 +1162,18 @@ def main(argv=None):
             log(f"{len(method_f)} samples from sessions of the app's own method")
             pools.append((method_f, method_s))
             shares.append(shares[2] * args.mimic_method_share)
-            shares[2] -= shares[3]
-        weights = torch.cat([torch.full((len(f),), w / len(f)) for (f, _), w in zip(pools, shares)])
+            shares[2] -= shares[-1]
+        if args.mimic_look_sessions > 0:
+            look_f, look_s = look_sessions(
+                clip, clip_tok, args.mimic_look_sessions, args.seed, args.mimic_reader, log
+            )
+            log(f"{len(look_f)} samples from sessions that teach base classes in new looks")
+            pools.append((look_f, look_s))
+            shares.append(shares[2] * args.mimic_look_share)
+            shares[2] -= shares[-1]
+        weights = torch.cat(
+            [torch.full((len(f),), w / max(len(f), 1)) for (f, _), w in zip(pools, shares)]
+        )
         scores = torch.cat([s for _, s in pools])
         guesses = torch.cat([labels] + [s.argmax(1) for _, s in pools[1:]])
         train_llm(
@@ -1063,6 +1186,8 @@ def main(argv=None):
             weights=weights,
             scores=scores if args.mimic_ranked > 0 else None,
             ranked=args.mimic_ranked,
+            soft=args.mimic_soft,
+            soft_scale=clip.logit_scale.exp().item(),
             report=(feats, labels),
             **common,
         )
