@@ -283,7 +283,8 @@ def test_base_looks_draw_every_base_class_in_each_new_look_and_no_domain_look():
     for j in range(len(BASE_LOOKS)):
         assert np.bincount(labels[looks == j], minlength=len(BASE_CLASSES)).tolist() == [2] * 18
     brightness = {look: images[looks == j].mean() for j, look in enumerate(BASE_LOOKS)}
-    assert brightness["inverted"] < 110 < brightness["low-res"]  # light ink on dark, and not
+    # inverted is light ink on a dark ground; low-res keeps the base world's light ground
+    assert brightness["inverted"] < 110 < brightness["low-res"]
     again, _, _ = base_looks_dataset(2, seed=0, split="check")
     assert np.array_equal(images, again)
 

@@ -276,7 +276,7 @@ def _base_mask(label: str, rng: np.random.Generator, stroke: int = 0) -> Image.I
     return mask
 
 
-def render_base_in_look(label: str, look: str, rng: np.random.Generator) -> np.ndarray:
+def render_base_in_look(label: str, rng: np.random.Generator, look: str) -> np.ndarray:
     """A base class (digit or shape) in one of the letters' looks: a new look of a known class,
     as a session's domain is (used by the recipe's third stage only, never an example domain)."""
     figure = int(rng.integers(2**32))  # the thick and thin figures of "outline" must coincide
@@ -564,17 +564,13 @@ def base_looks_dataset(
     images, labels, looks = [], [], []
     for j, look in enumerate(BASE_LOOKS):
         x, y = _rendered_set(
-            functools.partial(_render_look, look), f"base-{look}", BASE_CLASSES, split,
+            functools.partial(render_base_in_look, look=look), f"base-{look}", BASE_CLASSES, split,
             n_per_class, seed,
         )  # fmt: skip
         images.append(x)
         labels.append(y)
         looks.append(np.full(len(y), j))
     return np.concatenate(images), np.concatenate(labels), np.concatenate(looks)
-
-
-def _render_look(look: str, label: str, rng: np.random.Generator) -> np.ndarray:
-    return render_base_in_look(label, look, rng)
 
 
 def control_dataset(n_per_class: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
