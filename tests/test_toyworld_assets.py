@@ -17,9 +17,11 @@ from lorsu_demo.data import Item, LabelledImages, load_folder, normalise, to_uni
 from lorsu_demo.evaluate import EvalSet, accuracy, clip_predictions
 from lorsu_demo.model import load_bundle
 from lorsu_demo.runs import control_sets
+from lorsu_demo.toyworld import data
 from lorsu_demo.toyworld import train as recipe
 from lorsu_demo.toyworld.data import (
     BASE_CLASSES,
+    BASE_FIGURES,
     BASE_LOOKS,
     DOMAINS,
     base_looks_dataset,
@@ -233,7 +235,8 @@ def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
         + ["--clip-steps", "2", "--llm-images", "2", "--llm-steps", "2", "--threads", "1"]
         + ["--domain-images", "5", "2"]
         + ["--mimic-steps", "2", "--mimic-sessions", "1", "--mimic-letters", "1"]
-        + ["--mimic-method-sessions", "1", "--mimic-look-sessions", "1", "--vision-layers", "3"]
+        + ["--mimic-method-sessions", "1", "--mimic-look-sessions", "2", "--vision-layers", "3"]
+        + ["--mimic-look-figures", "mosaic,angular"]
     )
     written = load_bundle(str(tmp_path / "toy"))
     assert written.clip.vision_model is written.vlm.model.vision_tower
@@ -278,15 +281,67 @@ def test_base_looks_draw_every_base_class_in_each_new_look_and_no_domain_look():
     """Stage 3's look sessions teach base classes in the letters' looks; not in "outline", which
     for shapes is the sketches domain's look, and not in the base world's own printed look."""
     assert "outline" not in BASE_LOOKS and "printed" not in BASE_LOOKS
-    images, labels, looks = base_looks_dataset(2, seed=0, split="check")
+    images, labels, looks, figures = base_looks_dataset(2, seed=0, split="check")
+    assert set(figures.tolist()) == {BASE_FIGURES.index("strokes")}
     assert images.shape == (len(BASE_LOOKS) * len(BASE_CLASSES) * 2, 32, 32, 3)
     for j in range(len(BASE_LOOKS)):
         assert np.bincount(labels[looks == j], minlength=len(BASE_CLASSES)).tolist() == [2] * 18
     brightness = {look: images[looks == j].mean() for j, look in enumerate(BASE_LOOKS)}
     # inverted is light ink on a dark ground; low-res keeps the base world's light ground
     assert brightness["inverted"] < 110 < brightness["low-res"]
-    again, _, _ = base_looks_dataset(2, seed=0, split="check")
+    again, *_ = base_looks_dataset(2, seed=0, split="check")
     assert np.array_equal(images, again)
+
+
+def test_base_looks_draw_new_figures_of_the_base_classes_too():
+    """Look sessions can also draw a known class as a new figure, as the seven-segment domain's
+    digits are: lit on a grid of cells, or (digits) straightened into a few segments."""
+    images, labels, looks, figures = base_looks_dataset(
+        2, seed=0, split="check", figures=("strokes", "mosaic", "angular")
+    )
+    strokes, *_ = base_looks_dataset(2, seed=0, split="check")
+    per_figure = len(BASE_LOOKS) * len(BASE_CLASSES) * 2
+    assert images.shape[0] == 3 * per_figure
+    assert np.array_equal(images[:per_figure], strokes)  # strokes are drawn as they were
+    assert np.bincount(figures).tolist() == [per_figure] * 3
+    shapes = np.isin(labels, [BASE_CLASSES.index(s) for s in BASE_CLASSES[10:]])
+    digits = ~shapes
+    mosaic, angular = (figures == BASE_FIGURES.index(f) for f in ("mosaic", "angular"))
+    assert (images[mosaic] != images[:per_figure]).any(axis=(1, 2, 3)).all()
+    assert (images[angular & digits] != images[:per_figure][digits[:per_figure]]).any()
+
+    rng = np.random.default_rng(3)
+    full = Image.new("L", (128, 128), 255)
+    empty = Image.new("L", (128, 128), 0)
+    assert (np.asarray(data._mosaic(full, rng)) == 255).any()
+    assert not (np.asarray(data._mosaic(empty, rng)) == 255).any()  # unlit cells only glow
+
+    loop = np.stack(
+        [
+            np.cos(np.linspace(0, 6.283185307179586, 40)),
+            np.sin(np.linspace(0, 6.283185307179586, 40)),
+        ],
+        1,
+    )
+    loop[-1] = loop[0]
+    corners = data._straightened(loop, 0.3)
+    assert len(corners) >= 6 and np.allclose(corners[[0, -1]], loop[[0, -1]])
+    line = np.array([[0.0, 0.0], [0.5, 0.0], [1.0, 0.0]])
+    assert len(data._straightened(line, 0.3)) == 4  # about 0.3 apart, both ends kept
+
+
+def test_angular_leaves_shapes_as_they_are():
+    for look in BASE_LOOKS:
+        a = data.render_base_in_look("star", np.random.default_rng(5), look, "angular")
+        b = data.render_base_in_look("star", np.random.default_rng(5), look, "strokes")
+        assert np.array_equal(a, b)
+
+
+def test_the_recipe_refuses_unknown_look_figures(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        recipe.main(["--out", str(tmp_path), "--mimic-look-figures", "mosaic,neon"])
+    assert "--mimic-look-figures" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_ranked_questions_are_answered_with_what_clip_ranks_first_among_the_options():

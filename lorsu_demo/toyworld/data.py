@@ -257,15 +257,56 @@ def render_letter(letter: str, rng: np.random.Generator) -> np.ndarray:
     return _render_in_look(lambda r, stroke: _letter_mask(letter, r, stroke), look, rng)
 
 
-def _base_mask(label: str, rng: np.random.Generator, stroke: int = 0) -> Image.Image:
-    """A base class's figure as a mask: the digit's strokes, or the filled shape; `stroke`
-    thickens it by that many pixels, as a font's stroke does."""
+# How a base class's figure is drawn in the recipe's look sessions: the base world's strokes and
+# filled shapes, the figure lit on a coarse grid of cells (unlit cells faint, as on a display), or
+# a digit's strokes straightened into a few segments. "angular" leaves shapes as they are.
+BASE_FIGURES = ["strokes", "mosaic", "angular"]
+
+
+def _straightened(points: np.ndarray, step: float) -> np.ndarray:
+    """The polyline `points` redrawn as straight segments about `step` long (at least five
+    corners for a closed loop), its two ends kept."""
+    cum = np.concatenate([[0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
+    closed = np.linalg.norm(points[0] - points[-1]) < 1e-6
+    n = max(6 if closed else 2, int(round(cum[-1] / step)) + 1)
+    t = np.linspace(0, cum[-1], n)
+    return np.stack([np.interp(t, cum, points[:, 0]), np.interp(t, cum, points[:, 1])], axis=1)
+
+
+def _mosaic(mask: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """`mask` lit on a grid of 8-11 cells a side: a cell lights where the figure covers enough of
+    it, and is drawn as a dot or a tile; unlit cells keep a faint glow."""
+    cells = int(rng.integers(8, 12))
+    cover = np.asarray(mask.resize((cells, cells), Image.Resampling.BOX), np.float32) / 255
+    lit = cover > rng.uniform(0.25, 0.45)
+    unlit = int(rng.uniform(0, 60))
+    pitch, size = _S / cells, rng.uniform(0.6, 0.85) * _S / cells
+    round_cells = rng.random() < 0.5
+    out = Image.new("L", (_S, _S), 0)
+    draw = ImageDraw.Draw(out)
+    for row in range(cells):
+        for col in range(cells):
+            x, y = (col + 0.5) * pitch, (row + 0.5) * pitch
+            box = [x - size / 2, y - size / 2, x + size / 2, y + size / 2]
+            fill = 255 if lit[row, col] else unlit
+            (draw.ellipse if round_cells else draw.rectangle)(box, fill=fill)
+    return out
+
+
+def _base_mask(
+    label: str, rng: np.random.Generator, stroke: int = 0, figure: str = "strokes"
+) -> Image.Image:
+    """A base class's figure as a mask: the digit's strokes, or the filled shape, drawn as
+    `figure` (one of BASE_FIGURES); `stroke` thickens it by that many pixels, as a font's
+    stroke does."""
     mask = Image.new("L", (_S, _S), 0)
     draw = ImageDraw.Draw(mask)
     if label in DIGITS:
         tf = _jitter_transform(rng, scale=(0.62, 0.88))
         width = rng.uniform(0.05, 0.09) * _S + 2 * stroke
         for digit_stroke in _digit_strokes(DIGITS.index(label)):
+            if figure == "angular":
+                digit_stroke = _straightened(digit_stroke, rng.uniform(0.22, 0.35))
             _draw_polyline(draw, tf(digit_stroke), 255, width)
     else:
         tf = _jitter_transform(rng, scale=(0.62, 0.88), shear=0.08)
@@ -273,15 +314,18 @@ def _base_mask(label: str, rng: np.random.Generator, stroke: int = 0) -> Image.I
         draw.polygon(points, fill=255)
         if stroke:
             draw.line(points + points[:1], fill=255, width=2 * stroke, joint="curve")
-    return mask
+    return _mosaic(mask, rng) if figure == "mosaic" else mask
 
 
-def render_base_in_look(label: str, rng: np.random.Generator, look: str) -> np.ndarray:
-    """A base class (digit or shape) in one of the letters' looks: a new look of a known class,
-    as a session's domain is (used by the recipe's third stage only, never an example domain)."""
-    figure = int(rng.integers(2**32))  # the thick and thin figures of "outline" must coincide
+def render_base_in_look(
+    label: str, rng: np.random.Generator, look: str, figure: str = "strokes"
+) -> np.ndarray:
+    """A base class (digit or shape) drawn as `figure` (BASE_FIGURES) in one of the letters'
+    looks: a new look of a known class, as a session's domain is (used by the recipe's third
+    stage only, never an example domain)."""
+    seed = int(rng.integers(2**32))  # the thick and thin figures of "outline" must coincide
     return _render_in_look(
-        lambda _, stroke: _base_mask(label, np.random.default_rng(figure), stroke), look, rng
+        lambda _, stroke: _base_mask(label, np.random.default_rng(seed), stroke, figure), look, rng
     )
 
 
@@ -557,20 +601,27 @@ BASE_LOOKS = [look for look in LETTER_LOOKS if look not in ("printed", "outline"
 
 
 def base_looks_dataset(
-    n_per_class: int, seed: int = 0, split: str = "sessions"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The base classes in each of BASE_LOOKS, look-major then class-major: (uint8 images,
-    int64 labels into BASE_CLASSES, int64 look indices into BASE_LOOKS)."""
-    images, labels, looks = [], [], []
-    for j, look in enumerate(BASE_LOOKS):
-        x, y = _rendered_set(
-            functools.partial(render_base_in_look, look=look), f"base-{look}", BASE_CLASSES, split,
-            n_per_class, seed,
-        )  # fmt: skip
-        images.append(x)
-        labels.append(y)
-        looks.append(np.full(len(y), j))
-    return np.concatenate(images), np.concatenate(labels), np.concatenate(looks)
+    n_per_class: int,
+    seed: int = 0,
+    split: str = "sessions",
+    figures: tuple[str, ...] = ("strokes",),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The base classes drawn as each of `figures` (BASE_FIGURES) in each of BASE_LOOKS,
+    figure-major, then look-major, then class-major: (uint8 images, int64 labels into
+    BASE_CLASSES, int64 look indices into BASE_LOOKS, int64 figure indices into BASE_FIGURES)."""
+    images, labels, looks, drawn_as = [], [], [], []
+    for figure in figures:
+        for j, look in enumerate(BASE_LOOKS):
+            name = f"base-{look}" if figure == "strokes" else f"base-{look}-{figure}"
+            x, y = _rendered_set(
+                functools.partial(render_base_in_look, look=look, figure=figure), name,
+                BASE_CLASSES, split, n_per_class, seed,
+            )  # fmt: skip
+            images.append(x)
+            labels.append(y)
+            looks.append(np.full(len(y), j))
+            drawn_as.append(np.full(len(y), BASE_FIGURES.index(figure)))
+    return tuple(np.concatenate(a) for a in (images, labels, looks, drawn_as))
 
 
 def control_dataset(n_per_class: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -49,6 +49,7 @@ from lorsu_demo.tiny import (
 )
 from lorsu_demo.toyworld.data import (
     BASE_CLASSES,
+    BASE_FIGURES,
     BASE_LOOKS,
     CAPTION_TEMPLATE,
     DIGITS,
@@ -757,13 +758,20 @@ def pretend_session(
     return lr, steps
 
 
-def look_sessions(clip, clip_tokenizer, count: int, seed: int, reader="clip", log=print):
+def look_sessions(
+    clip, clip_tokenizer, count: int, seed: int, reader="clip", log=print, figures=("strokes",)
+):
     """Like `simulated_sessions`, but each pretend session is what a user's session is: a few
-    base classes (digits or shapes) in one new look (BASE_LOOKS), taught as themselves from 5-10
-    shots each. The copy's read features of other images of them in that look, and of base
-    images, are labelled with the copy's CLIP guess."""
+    base classes (digits or shapes) in one new look (BASE_LOOKS), drawn as one of `figures`
+    (BASE_FIGURES; "angular" for digits only), taught as themselves from 5-10 shots each. The
+    copy's read features of other images of them in that look, and of base images, are labelled
+    with the copy's CLIP guess."""
     text = class_text_embeddings(clip, clip_tokenizer)
-    look_x, look_y, look_of = base_looks_dataset(24, seed, split="sessions")
+    look_x, look_y, look_of, figure_of = base_looks_dataset(
+        24, seed, split="sessions", figures=tuple(figures)
+    )
+    shape_figures = [f for f in figures if f != "angular"] or list(figures[:1])
+    figure_choices = [[BASE_FIGURES.index(f) for f in fs] for fs in (figures, shape_figures)]
     base_x, _ = base_dataset(8, seed, split="look-sessions")
     look_px, base_px = to_pixels(look_x), to_pixels(base_x)
     rng = np.random.default_rng([seed, 13])
@@ -773,10 +781,14 @@ def look_sessions(clip, clip_tokenizer, count: int, seed: int, reader="clip", lo
     t0 = time.time()
     for s in range(count):
         look = int(rng.integers(len(BASE_LOOKS)))
-        family = families[int(rng.integers(2))]
+        kind = int(rng.integers(2))
+        family = families[kind]
         classes = rng.choice(family, int(rng.integers(4, len(family) + 1)), replace=False)
         shots = int(rng.integers(5, 11))
-        rows = [np.nonzero((look_of == look) & (look_y == c))[0] for c in classes]
+        drawn = figure_choices[kind]
+        figure = drawn[int(rng.integers(len(drawn)))] if len(drawn) > 1 else drawn[0]
+        chosen = (look_of == look) & (figure_of == figure)
+        rows = [np.nonzero(chosen & (look_y == c))[0] for c in classes]
         train_idx = torch.from_numpy(np.concatenate([r[:shots] for r in rows]))
         test_idx = torch.from_numpy(np.concatenate([r[shots:] for r in rows]))
         remap = torch.full((len(BASE_CLASSES),), -1)
@@ -789,6 +801,7 @@ def look_sessions(clip, clip_tokenizer, count: int, seed: int, reader="clip", lo
         if s % 10 == 0 or s == count - 1:
             log(
                 f"look session {s + 1}/{count}: {len(classes)} classes, {BASE_LOOKS[look]}, "
+                f"{BASE_FIGURES[figure]}, "
                 f"lr {lr:.1e}, {steps} steps ({time.time() - t0:.0f}s)"
             )
     return torch.cat(feats), torch.cat(scores)
@@ -1037,6 +1050,11 @@ def main(argv=None):
         help="their part of the simulated sessions' share",
     )
     ap.add_argument(
+        "--mimic-look-figures",
+        default="strokes",
+        help=f"comma-separated figures the look sessions draw the base classes as ({BASE_FIGURES})",
+    )
+    ap.add_argument(
         "--read-weight",
         default=1.0,
         type=float,
@@ -1068,6 +1086,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.mimic_soft > 0 and args.mimic_ranked <= 0:
         ap.error("--mimic-soft distils the ranked questions' options: give --mimic-ranked too")
+    look_figures = [f.strip() for f in args.mimic_look_figures.split(",") if f.strip()]
+    if not look_figures or set(look_figures) - set(BASE_FIGURES):
+        ap.error(f"--mimic-look-figures takes a comma-separated list of {BASE_FIGURES}")
     torch.set_num_threads(args.threads)
     t0 = time.time()
 
@@ -1165,7 +1186,13 @@ def main(argv=None):
             shares[2] -= shares[-1]
         if args.mimic_look_sessions > 0:
             look_f, look_s = look_sessions(
-                clip, clip_tok, args.mimic_look_sessions, args.seed, args.mimic_reader, log
+                clip,
+                clip_tok,
+                args.mimic_look_sessions,
+                args.seed,
+                args.mimic_reader,
+                log,
+                figures=look_figures,
             )
             log(f"{len(look_f)} samples from sessions that teach base classes in new looks")
             pools.append((look_f, look_s))
