@@ -83,13 +83,14 @@ def test_real_domain_is_deterministic_and_splits_are_disjoint():
 
 
 def test_images_have_content():
-    """Every image has a visible figure: enough contrast between its darkest and lightest parts."""
+    """Every image has a visible figure: enough contrast between its darkest and lightest parts
+    (the 1st and 99th percentiles: a sketch's thin, light pencil line covers few pixels)."""
     x, _ = base_dataset(1, seed=3)
     sets = [x] + [domain_dataset(n, "test", 1, seed=3)[0] for n in PROCEDURAL]
     for images in sets:
         grey = images.astype(np.float32).mean(-1)
-        spread = np.percentile(grey, 95, axis=(1, 2)) - np.percentile(grey, 5, axis=(1, 2))
-        assert spread.min() > 60
+        spread = np.percentile(grey, 99, axis=(1, 2)) - np.percentile(grey, 1, axis=(1, 2))
+        assert spread.min() > 45
 
 
 def test_classes_differ_from_each_other():

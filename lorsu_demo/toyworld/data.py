@@ -14,9 +14,11 @@ different world.
   the 18 classes, so that learning a new look need not overwrite the old one.
 - **Domains**: the same kinds of classes in looks the encoder never saw.
   - `handwritten` (real): the UCI handwritten digits bundled with scikit-learn (`load_digits`,
-    8x8 scans of 43 people's handwriting), scaled to 32 px.
+    8x8 scans of 43 people's handwriting), their strokes thickened as a broad felt-tip draws
+    them, dark grey on off-white, 32 px.
   - `seven-segment` (procedural): digits on a glowing seven-segment display.
-  - `sketches` (procedural): the shapes as wobbly pencil/ballpoint outlines on ruled paper.
+  - `sketches` (procedural): the shapes as thin, wobbly outlines in a light pencil or a
+    ballpoint on ruled paper.
 """
 
 from __future__ import annotations
@@ -438,7 +440,7 @@ def _resample_closed(pts: np.ndarray, n: int) -> np.ndarray:
 
 
 def render_sketch(label: str, rng: np.random.Generator) -> np.ndarray:
-    """A shape doodled as a wobbly pencil or ballpoint outline on ruled notebook paper."""
+    """A shape doodled as a wobbly outline in a light pencil or a ballpoint on ruled paper."""
     paper = rng.uniform(232, 252)
     canvas = Image.new("RGB", (_S, _S), (int(paper), int(paper), int(paper - rng.uniform(0, 12))))
     draw = ImageDraw.Draw(canvas)
@@ -451,7 +453,7 @@ def render_sketch(label: str, rng: np.random.Generator) -> np.ndarray:
         x = rng.uniform(0.05, 0.2) * _S
         draw.line([(x, 0), (x, _S)], fill=(235, 140, 150), width=_SS)
     if rng.random() < 0.5:
-        pen = tuple(int(v) for v in rng.uniform(70, 120) * np.ones(3))  # pencil
+        pen = tuple(int(v) for v in rng.uniform(120, 165) * np.ones(3))  # a light pencil
     else:
         pen = (int(rng.uniform(20, 50)), int(rng.uniform(40, 70)), int(rng.uniform(130, 180)))
     tf = _jitter_transform(rng, scale=(0.72, 0.95), rot=15.0, shear=0.1)
@@ -469,7 +471,7 @@ def render_sketch(label: str, rng: np.random.Generator) -> np.ndarray:
         pts = np.roll(pts, -start, axis=0)
         over = int(rng.integers(0, 6))  # the stroke overshoots its start a little
         pts = np.concatenate([pts, pts[:over] + rng.normal(0, 0.01, (over, 2))])
-        _draw_polyline(draw, tf(pts), pen, rng.uniform(0.022, 0.035) * _S)
+        _draw_polyline(draw, tf(pts), pen, rng.uniform(0.016, 0.026) * _S)
     return _finish(canvas, rng, noise=rng.uniform(1, 4))
 
 
@@ -483,12 +485,17 @@ def _load_handwritten() -> tuple[np.ndarray, np.ndarray]:
     return d.images, d.target
 
 
-def handwritten_image(raw8x8: np.ndarray) -> np.ndarray:
-    """One 8x8 scan (values 0-16) as a 32-px image: dark ink on white, as the scans are drawn."""
+def handwritten_image(raw8x8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One 8x8 scan (values 0-16) as a 32-px image, as if written with a broad felt-tip pen: the
+    scan's strokes thickened, in a dark grey ink on off-white paper."""
     ink = Image.fromarray(np.clip(raw8x8 * 16, 0, 255).astype(np.uint8))
-    ink = ink.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-    grey = 255 - np.asarray(ink, np.uint8)
-    return np.repeat(grey[..., None], 3, axis=2)
+    ink = ink.resize((_S, _S), Image.Resampling.BICUBIC).filter(ImageFilter.MaxFilter(11))
+    alpha = np.asarray(ink, np.float32)[..., None] / 255.0
+    tone = rng.uniform(228, 250)
+    paper = np.array([tone, tone, tone - rng.uniform(0, 14)], np.float32)
+    colour = rng.uniform(10, 60) * np.ones(3, np.float32)
+    canvas = Image.fromarray(np.rint(paper * (1 - alpha) + colour * alpha).astype(np.uint8))
+    return _finish(canvas, rng, noise=rng.uniform(1, 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,8 +525,10 @@ DOMAINS: dict[str, Domain] = {
             description=(
                 "Real handwriting: the 8x8 digit scans of the UCI 'Optical Recognition of "
                 "Handwritten Digits' data set (43 writers), as bundled with scikit-learn "
-                "(`sklearn.datasets.load_digits`), scaled to 32x32 with bicubic resampling and "
-                "drawn as dark ink on white; like the scans, the digits fill the frame. The base world only saw clean printed strokes."
+                "(`sklearn.datasets.load_digits`), scaled up with bicubic resampling, their "
+                "strokes thickened as a broad felt-tip pen draws them, in dark grey ink on "
+                "off-white paper; like the scans, the digits fill the frame. The base world only "
+                "saw clean printed strokes."
             ),
             source=(
                 "UCI Machine Learning Repository, Optical Recognition of Handwritten Digits "
@@ -547,8 +556,9 @@ DOMAINS: dict[str, Domain] = {
             classes=SHAPES,
             kind="procedural",
             description=(
-                "The eight shapes doodled as thin, wobbly pencil or ballpoint outlines (often "
-                "traced twice) on ruled notebook paper. The base world only saw them filled. "
+                "The eight shapes doodled as thin, wobbly outlines in a light pencil or a "
+                "ballpoint (often traced twice) on ruled notebook paper. The base world only saw "
+                "them filled. "
                 "Drawn by `lorsu_demo/toyworld/data.py` (`render_sketch`)."
             ),
             source="Generated by this project (`python -m lorsu_demo.toyworld.train`).",
@@ -654,7 +664,10 @@ def domain_dataset(
                 if split == "train"
                 else idx[_HANDWRITTEN_TRAIN_POOL:][:n_per_class]
             )
-            images += [handwritten_image(raw[j]) for j in pick]
+            images += [
+                handwritten_image(raw[j], _rng(seed, "handwritten", split, c, k))
+                for k, j in enumerate(pick)
+            ]
             labels += [c] * len(pick)
         return np.stack(images), np.asarray(labels, np.int64)
     return _rendered_set(_RENDERERS[name], name, domain.classes, split, n_per_class, seed)
@@ -731,8 +744,8 @@ LICENSES_MD = """# Licences of everything in assets/
 
 No image, weight or text in `assets/` was downloaded from a model or data hub. The only external
 data is the scikit-learn copy of the UCI digits (attribution: Alpaydin, E. & Kaynak, C. (1998).
-Optical Recognition of Handwritten Digits [Dataset]. UCI Machine Learning Repository; scaled from
-8x8 to 32x32 and inverted to dark ink on white).
+Optical Recognition of Handwritten Digits [Dataset]. UCI Machine Learning Repository; scaled up
+from 8x8, strokes thickened, drawn in dark grey on off-white and reduced to 32x32).
 """
 
 
