@@ -370,3 +370,13 @@ def test_ranked_questions_are_answered_with_what_clip_ranks_first_among_the_opti
     for _ in range(50):
         question, answer_, ranked = recipe.sample_ranked_qa(scores, mixed, 0.0)
         assert (question, answer_) == recipe.sample_qa(guess, plain) and not ranked
+
+
+def test_the_recipe_names_what_decides_the_weights_last_bits(monkeypatch):
+    """A reproduction must match these to give the same weights bit for bit (docs/toyworld.md)."""
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    line = recipe.arithmetic()
+    assert torch.__version__ in line and torch.backends.cpu.get_cpu_capability() in line
+    assert "MKL_CBWR=COMPATIBLE" in line and "ONEDNN_MAX_CPU_ISA=(unset)" in line
+    assert f"{torch.get_num_threads()} threads" in line

@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -960,6 +961,20 @@ def save_bundle(out: Path, clip, clip_tokenizer, vlm, processor, defaults: dict,
 # ---------------------------------------------------------------------------------------------
 
 
+# What decides the weights' last bits besides the code: the CPU kernels torch and MKL pick for
+# this processor (docs/toyworld.md, "Reproduce it from nothing").
+ARITHMETIC_SETTINGS = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def arithmetic() -> str:
+    """The settings a reproduction must match to give the same weights bit for bit."""
+    settings = ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in ARITHMETIC_SETTINGS)
+    return (
+        f"torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads, {settings}"
+    )
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1095,6 +1110,7 @@ def main(argv=None):
     def log(msg):
         print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
 
+    log(f"arithmetic: {arithmetic()}")
     args.out.mkdir(parents=True, exist_ok=True)
     write_data(args.out, args.seed, *args.domain_images)
     log(f"wrote control/, domains/ and LICENSES.md under {args.out}")
