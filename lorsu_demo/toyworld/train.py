@@ -961,8 +961,8 @@ def save_bundle(out: Path, clip, clip_tokenizer, vlm, processor, defaults: dict,
 # ---------------------------------------------------------------------------------------------
 
 
-# What decides the weights' last bits besides the code: the CPU kernels torch and MKL pick for
-# this processor (docs/toyworld.md, "Reproduce it from nothing").
+# What decides the weights' last bits besides the code: the CPU kernels that torch (ATen), MKL and
+# oneDNN pick for this processor (docs/toyworld.md, "Reproduce it from nothing").
 ARITHMETIC_SETTINGS = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 
