@@ -271,12 +271,20 @@ class Bundle:
 
     def unknown_words(self, labels: list[str]) -> list[str]:
         """The words of `labels` that the CLIP text side, which a session trains against, cannot
-        spell: they become its unknown token, so every such class would read the same."""
+        spell: they become its unknown token, so every such class would read the same. Where the
+        bundle lists its class names (a small word-level model), any other word is unknown too:
+        its tokenizer also spells numerals and prompt words that were never a caption's label,
+        and a class named "8" would train towards a text, and a chat answer, that mean nothing."""
         unknown: dict[str, None] = {}
         unk = getattr(self.clip_tokenizer, "unk_token_id", None)
-        for label in labels if unk is not None else []:
+        known = {name.lower() for name in self.labels}
+        for label in labels if unk is not None or known else []:
             for word in label.split():
-                if unk in self.clip_tokenizer(word, add_special_tokens=False).input_ids:
+                if known and word.lower() not in known:
+                    unknown.setdefault(word, None)
+                elif unk is not None and unk in self.clip_tokenizer(
+                    word, add_special_tokens=False
+                ).input_ids:
                     unknown.setdefault(word, None)
         return list(unknown)
 

@@ -5,6 +5,7 @@ The command line and the benchmarks use this; the app drives `run_session` direc
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,12 +54,28 @@ def check_labels(bundle, classes: list[str]) -> None:
         return
     words = ", ".join(repr(w) for w in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
     known = f" It knows these class names: {', '.join(bundle.labels)}." if bundle.labels else ""
+    suggestions = [(w, known_word_for(w, bundle.labels)) for w in unknown]
+    suggestions = [f"{w!r} -> {s!r}" for w, s in suggestions if s][:5]
+    hint = f" Perhaps: {', '.join(suggestions)}." if suggestions else ""
     raise DataError(
         f"The model {bundle.name!r} does not know the word{'s' if len(unknown) > 1 else ''} "
-        f"{words}: its small text side only has the words it was trained with.{known} Name your "
-        "classes with those words, or run a model whose tokenizer takes any label (a GPU model, "
-        "for example --model llava-1.5-7b)."
+        f"{words}: its small text side only has the words it was trained with.{known}{hint} "
+        "Name your classes with those words, or run a model whose tokenizer takes any label (a "
+        "GPU model, for example --model llava-1.5-7b)."
     )
+
+
+NUMERALS = "zero one two three four five six seven eight nine".split()
+
+
+def known_word_for(word: str, labels: list[str]) -> str | None:
+    """The known class name a user most likely meant: digit folders ("8", as MNIST-style sets
+    name them) for the digit's word, plurals and typos for the closest name."""
+    word = word.lower()
+    if word.isdecimal() and len(word) == 1 and NUMERALS[int(word)] in labels:
+        return NUMERALS[int(word)]
+    close = difflib.get_close_matches(word, labels, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 @dataclass

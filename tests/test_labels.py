@@ -42,6 +42,8 @@ def test_toy_knows_its_class_names_and_not_others(toy):
     assert toy.labels and "seven" in toy.labels and "arrow" in toy.labels
     assert toy.unknown_words(["seven", "arrow"]) == []
     assert toy.unknown_words(["seven", "cat", "big rocket"]) == ["cat", "big", "rocket"]
+    # the tokenizer spells these, but no caption or answer ever named a class with them
+    assert toy.unknown_words(["8", "b", "photo", "Eight"]) == ["8", "b", "photo"]
 
 
 def test_unknown_label_message_names_the_known_words(toy):
@@ -50,6 +52,16 @@ def test_unknown_label_message_names_the_known_words(toy):
     message = str(err.value)
     assert "'cat'" in message and "seven" in message and "arrow" in message
     assert "llava-1.5-7b" in message  # how to get any label
+
+
+def test_unknown_label_message_suggests_the_name_meant(toy):
+    # MNIST-style sets name their folders "0".."9"; plurals and typos are near a known name
+    with pytest.raises(DataError) as err:
+        check_labels(toy, ["8", "circles", "triangels", "cat"])
+    message = str(err.value)
+    assert "'8' -> 'eight'" in message
+    assert "'circles' -> 'circle'" in message and "'triangels' -> 'triangle'" in message
+    assert "'cat' ->" not in message  # nothing near it: no guess
 
 
 def test_models_with_a_full_tokenizer_accept_any_word(bundle):
