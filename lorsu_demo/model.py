@@ -282,9 +282,10 @@ class Bundle:
             for word in label.split():
                 if known and word.lower() not in known:
                     unknown.setdefault(word, None)
-                elif unk is not None and unk in self.clip_tokenizer(
-                    word, add_special_tokens=False
-                ).input_ids:
+                elif (
+                    unk is not None
+                    and unk in self.clip_tokenizer(word, add_special_tokens=False).input_ids
+                ):
                     unknown.setdefault(word, None)
         return list(unknown)
 
