@@ -8,6 +8,7 @@ case are one word to a lower-casing tokenizer, so they are refused too.
 import io
 import zipfile
 
+import gradio as gr
 import numpy as np
 import pytest
 from conftest_ui import colour_image
@@ -18,6 +19,7 @@ from lorsu_demo.data import DataError
 from lorsu_demo.model import load_bundle
 from lorsu_demo.runs import check_labels
 from lorsu_demo.ui import uploads
+from lorsu_demo.ui.app import build_app
 from lorsu_demo.ui.core import AppCore, UserError
 from lorsu_demo.ui.uploads import Card
 
@@ -100,6 +102,18 @@ def test_app_refuses_unknown_labels_from_cards_zip_and_files(toy, tmp_path):
     # the same images under known names are accepted
     known = [Card("seven", cards[0].files), Card("arrow", cards[1].files)]
     assert core.upload("k", cards=known).classes == ["arrow", "seven"]
+
+
+def test_the_page_names_the_classes_the_toy_knows_before_any_upload(toy, tmp_path):
+    core = AppCore(toy, None, tmp_path / "no-examples", work_dir=tmp_path / "work")
+    demo = build_app(core)
+    texts = " ".join(
+        str(block.value) for block in demo.blocks.values() if isinstance(block, gr.Markdown)
+    )
+    assert "knows only these class names:** zero, one" in texts and "arrow" in texts
+    assert "`eight`, not `8`" in texts
+    # the upload hints' examples are names it accepts, not cat and dog
+    assert "cat/1.png" not in texts and "arrow/1.png" in texts and "arrow_01.png" in texts
 
 
 def png_bytes(seed):

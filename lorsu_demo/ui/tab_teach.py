@@ -83,6 +83,8 @@ def build(core: AppCore, views: Views) -> TeachTab:
                     gr.Markdown(text.PICK, elem_classes="lorsu-small")
                 with gr.Tab("Class cards", id="cards"):
                     gr.Markdown(text.UPLOAD_CARDS, elem_classes="lorsu-small")
+                    if bundle.labels:
+                        gr.Markdown(text.known_names(bundle.labels), elem_classes="lorsu-small")
                     names, galleries, boxes, own = [], [], [], []
                     for i in range(CARDS):
                         with gr.Group(visible=i < 2) as box:
@@ -114,9 +116,11 @@ def build(core: AppCore, views: Views) -> TeachTab:
                         add_card = gr.Button("+ Add a class", size="sm")
                         use_cards = gr.Button("Use these images", variant="primary")
                 with gr.Tab("Zip or named files", id="files"):
-                    gr.Markdown(text.UPLOAD_ZIP, elem_classes="lorsu-small")
+                    if bundle.labels:
+                        gr.Markdown(text.known_names(bundle.labels), elem_classes="lorsu-small")
+                    gr.Markdown(text.upload_zip(bundle.labels), elem_classes="lorsu-small")
                     zip_file = gr.File(label="Zip of class folders", file_types=[".zip"])
-                    gr.Markdown(text.UPLOAD_FILES, elem_classes="lorsu-small")
+                    gr.Markdown(text.upload_files(bundle.labels), elem_classes="lorsu-small")
                     named_files = gr.File(
                         label="Images named class_xxx.png",
                         file_count="multiple",

@@ -24,11 +24,36 @@ UPLOAD_CARDS = (
     "Two classes at least, two images per class at least; about a third of each class is kept "
     "aside as test images."
 )
-UPLOAD_ZIP = (
-    "A zip of folders named after the classes (`cat/1.png`, `dog/1.png`, ...), optionally under "
-    "`train/` and `test/`."
-)
-UPLOAD_FILES = "Or images named `class_anything.png` (for example `cat_01.png`, `dog_07.jpg`)."
+
+
+def upload_zip(labels: list[str]) -> str:
+    a, b = example_names(labels)
+    return (
+        f"A zip of folders named after the classes (`{a}/1.png`, `{b}/1.png`, ...), optionally "
+        "under `train/` and `test/`."
+    )
+
+
+def upload_files(labels: list[str]) -> str:
+    a, b = example_names(labels)
+    return f"Or images named `class_anything.png` (for example `{a}_01.png`, `{b}_07.jpg`)."
+
+
+def example_names(labels: list[str]) -> tuple[str, str]:
+    """Two class names for the upload hints: ones the model knows, where it has a fixed list."""
+    return (labels[-1], labels[-2]) if len(labels) >= 2 else ("cat", "dog")
+
+
+def known_names(labels: list[str]) -> str:
+    """What a model with a fixed list of class names (the offline toy) accepts, said before an
+    upload rather than after it is refused."""
+    digits = " Write digits as words (`eight`, not `8`)." if "eight" in labels else ""
+    return (
+        f"**This model knows only these class names:** {', '.join(labels)}. Teach them in a new "
+        f"style: your handwriting, a photo of a display, a drawing.{digits} Any other name needs "
+        "a model whose tokenizer takes any label (LLaVA-1.5 on a GPU)."
+    )
+
 
 READER = (
     "CLIP compares each test image with a caption per class (fast). The chat model answers "
