@@ -275,19 +275,17 @@ class Bundle:
         bundle lists its class names (a small word-level model), any other word is unknown too:
         its tokenizer also spells numerals and prompt words that were never a caption's label,
         and a class named "8" would train towards a text, and a chat answer, that mean nothing."""
-        unknown: dict[str, None] = {}
-        unk = getattr(self.clip_tokenizer, "unk_token_id", None)
         known = {name.lower() for name in self.labels}
-        for label in labels if unk is not None or known else []:
-            for word in label.split():
-                if known and word.lower() not in known:
-                    unknown.setdefault(word, None)
-                elif (
-                    unk is not None
-                    and unk in self.clip_tokenizer(word, add_special_tokens=False).input_ids
-                ):
-                    unknown.setdefault(word, None)
-        return list(unknown)
+        unk = getattr(self.clip_tokenizer, "unk_token_id", None)
+
+        def is_unknown(word: str) -> bool:
+            if known:
+                return word.lower() not in known
+            ids = self.clip_tokenizer(word, add_special_tokens=False).input_ids
+            return unk is not None and unk in ids
+
+        words = (word for label in labels for word in label.split())
+        return list(dict.fromkeys(word for word in words if is_unknown(word)))
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:

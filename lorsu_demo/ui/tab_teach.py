@@ -92,7 +92,7 @@ def build(core: AppCore, views: Views) -> TeachTab:
                                 gr.Textbox(
                                     label=f"Class {i + 1}",
                                     placeholder=(
-                                        "class name, e.g. " + (bundle.labels or ["cat"])[-1]
+                                        "class name, e.g. " + text.example_names(bundle.labels)[0]
                                     ),
                                     max_length=60,
                                 )

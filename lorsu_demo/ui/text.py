@@ -41,7 +41,8 @@ def upload_files(labels: list[str]) -> str:
 
 def example_names(labels: list[str]) -> tuple[str, str]:
     """Two class names for the upload hints: ones the model knows, where it has a fixed list."""
-    return (labels[-1], labels[-2]) if len(labels) >= 2 else ("cat", "dog")
+    names = labels[::-1] or ["cat", "dog"]
+    return names[0], names[1 % len(names)]
 
 
 def known_names(labels: list[str]) -> str:
