@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorsu_demo.toyworld.train import arithmetic
+
 READERS = ("clip", "mc", "open")
 METHODS = "lorsu,lora,spu,full"
 
@@ -90,6 +92,16 @@ def measure(name: str, folder: Path, model: str, methods: str) -> dict:
     }
 
 
+def processor_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
 def _num(value) -> str:
     return "-" if value is None else f"{value:+.1f}"
 
@@ -141,7 +153,10 @@ def main(argv=None):
     machine = {
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "processor": processor_name(),
         "cpus": os.cpu_count(),
+        # the chat's answers hang on the last bits of its arithmetic (docs/toyworld.md, "Figures")
+        "arithmetic": arithmetic(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     document = {"machine": machine, "base": base, "runs": runs}
