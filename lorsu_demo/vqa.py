@@ -90,8 +90,10 @@ def read_letter(answer: str) -> str:
     return answer.strip().rstrip(".").strip().upper()
 
 
-def mc_correct(bundle, eval_set: EvalSet, batch_size: int = BATCH_SIZE) -> torch.Tensor:
-    questions = mc_questions(eval_set)
+def mc_correct(
+    bundle, eval_set: EvalSet, batch_size: int = BATCH_SIZE, seed: int = MC_SEED
+) -> torch.Tensor:
+    questions = mc_questions(eval_set, seed)
     images = [item.image for item in eval_set.images.items]
     answers = _generate(bundle, images, [q for q, _ in questions], MC_MAX_NEW_TOKENS, batch_size)
     return torch.tensor(
@@ -99,8 +101,11 @@ def mc_correct(bundle, eval_set: EvalSet, batch_size: int = BATCH_SIZE) -> torch
     )
 
 
-def mc_accuracy(bundle, eval_set: EvalSet) -> float:
-    return percent(mc_correct(bundle, eval_set))
+def mc_accuracy(bundle, eval_set: EvalSet, seed: int = MC_SEED) -> float:
+    """`seed` draws other distractors: the app and the CLI read with MC_SEED, and one draw moves
+    a session's TI by a few points (docs/toyworld.md, "How much one draw of distractors
+    moves the chat's figures")."""
+    return percent(mc_correct(bundle, eval_set, seed=seed))
 
 
 # ---- open-ended -----------------------------------------------------------------------------

@@ -104,6 +104,25 @@ def test_readers_score_what_the_vlm_answers(bundle, monkeypatch):
     assert prompts[0] == vqa.PPL_PROMPT.format(question=vqa.DEFAULT_QUESTION)
 
 
+def test_another_draw_of_distractors_asks_other_questions(bundle, monkeypatch):
+    """`seed` reaches the questions: a stand-in that knows the default draw's answers is right
+    on every question of that draw and not on another draw's."""
+    monkeypatch.setenv("LORSU_EVAL_THREADS", "1")
+    target = target_set()
+    truth = dict(vqa.mc_questions(target))
+    asked = []
+
+    def by_heart(bundle, images, questions, max_new_tokens):
+        asked.extend(questions)
+        return [truth.get(q, "F") for q in questions]
+
+    monkeypatch.setattr(vqa, "generate_answers", by_heart)
+    assert vqa.mc_accuracy(bundle, target) == vqa.mc_accuracy(bundle, target, seed=0) == 100.0
+    assert asked[: len(truth)] == list(truth)
+    assert vqa.mc_accuracy(bundle, target, seed=1) < 100.0
+    assert asked[-len(truth) :] == [q for q, _ in vqa.mc_questions(target, 1)] != list(truth)
+
+
 def test_readers_run_end_to_end_on_the_tiny_vlm(bundle):
     target = target_set()
     first = {r: accuracy(bundle, target, r) for r in ("mc", "open")}

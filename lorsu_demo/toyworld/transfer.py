@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 
@@ -30,7 +31,7 @@ from lorsu_demo.history import History
 from lorsu_demo.model import load_bundle
 from lorsu_demo.runs import method_settings_for, plan_run, run_sessions
 from lorsu_demo.toyworld.train import read_layer_embedding
-from lorsu_demo.vqa import mc_options
+from lorsu_demo.vqa import mc_accuracy, mc_options
 
 READINGS = ("clip", "read layer", "read layer 5-way", "mc")
 
@@ -84,7 +85,25 @@ def readings(bundle, eval_set: EvalSet) -> dict[str, float]:
     }
 
 
-def measure(model: str, data: str, method: str = "lorsu", seed: int = 0, shots: int = 5) -> dict:
+def mc_draws(bundle, eval_set: EvalSet, delta, draws: int) -> dict:
+    """The chat's multiple choice before and after `delta` under `draws` draws of distractors
+    (seeds 0..draws-1; seed 0 is what the app and the CLI ask): how much the draw moves TI."""
+    before = [mc_accuracy(bundle, eval_set, seed=s) for s in range(draws)]
+    with applied(bundle.vision_state(), [delta]):
+        after = [mc_accuracy(bundle, eval_set, seed=s) for s in range(draws)]
+    gains = [a - b for a, b in zip(after, before)]
+    return {
+        "before": before,
+        "gain": gains,
+        "before_mean": statistics.mean(before),
+        "gain_mean": statistics.mean(gains),
+        "gain_sd": statistics.stdev(gains) if draws > 1 else 0.0,
+    }
+
+
+def measure(
+    model: str, data: str, method: str = "lorsu", seed: int = 0, shots: int = 5, draws: int = 0
+) -> dict:
     bundle = load_bundle(model)
     plan = plan_run(bundle, data, None, 1, shots, seed)
     history = History(model=model)
@@ -97,7 +116,9 @@ def measure(model: str, data: str, method: str = "lorsu", seed: int = 0, shots: 
     with applied(bundle.vision_state(), [history.sessions[-1].delta]):
         after = {s.name: readings(bundle, s) for s in sets}
     gain = {r: after[plan.target.name][r] - before[plan.target.name][r] for r in READINGS}
+    drawn = mc_draws(bundle, plan.target, history.sessions[-1].delta, draws) if draws else None
     return {
+        "mc_draws": drawn,
         "data": str(data),
         "method": method,
         "before": before,
@@ -119,10 +140,16 @@ def main(argv=None):
     ap.add_argument("--model", default="toy")
     ap.add_argument("--method", default="lorsu")
     ap.add_argument("--seed", default=0, type=int)
+    ap.add_argument(
+        "--mc-draws",
+        default=0,
+        type=int,
+        help="also read the target's multiple choice under this many draws of distractors",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    result = measure(args.model, args.data, args.method, args.seed)
+    result = measure(args.model, args.data, args.method, args.seed, draws=args.mc_draws)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -139,6 +166,16 @@ def main(argv=None):
         + "; the chat's (mc) share of the read layer's: "
         + ("-" if share_mc is None else f"{share_mc:.2f}")
     )
+    if drawn := result["mc_draws"]:
+        clip_gain = result["target_gain"]["clip"]
+        print(
+            f"  mc over {len(drawn['gain'])} draws of distractors: base "
+            f"{drawn['before_mean']:.1f} ({min(drawn['before']):.1f}..{max(drawn['before']):.1f}), "
+            f"TI {drawn['gain_mean']:+.1f} +- {drawn['gain_sd']:.1f} "
+            f"({min(drawn['gain']):+.1f}..{max(drawn['gain']):+.1f}), the first draw's "
+            f"{drawn['gain'][0]:+.1f}; mc/clip "
+            + ("-" if not clip_gain else f"{drawn['gain_mean'] / clip_gain:.2f}")
+        )
 
 
 if __name__ == "__main__":
