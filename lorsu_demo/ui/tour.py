@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,10 @@ def status(page) -> str:
 
 
 def wait_status(page, text: str, timeout: int = TIMEOUT_MS) -> str:
-    page.wait_for_selector(f"#lorsu-status .lorsu-status:has-text('{text}')", timeout=timeout)
+    """Wait until the status line holds `text`, case and all (`:has-text` ignores case, and
+    "Step " would match "Data ready: ... (step 2)" before a session has started)."""
+    line = page.locator("#lorsu-status .lorsu-status")
+    line.filter(has_text=re.compile(re.escape(text))).wait_for(timeout=timeout)
     return status(page)
 
 
