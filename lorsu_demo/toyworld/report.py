@@ -155,7 +155,8 @@ def main(argv=None):
         "machine": platform.machine(),
         "processor": processor_name(),
         "cpus": os.cpu_count(),
-        # the chat's answers hang on the last bits of its arithmetic (docs/toyworld.md, "Figures")
+        # as the model was loaded for the figures (the toy runs on one thread, model.py); the
+        # sessions' and chat's figures reproduced across CPU kernel levels (docs/toyworld.md)
         "arithmetic": arithmetic(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
