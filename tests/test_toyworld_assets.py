@@ -380,3 +380,17 @@ def test_the_recipe_names_what_decides_the_weights_last_bits(monkeypatch):
     assert torch.__version__ in line and torch.backends.cpu.get_cpu_capability() in line
     assert "MKL_CBWR=COMPATIBLE" in line and "ONEDNN_MAX_CPU_ISA=(unset)" in line
     assert f"{torch.get_num_threads()} threads" in line
+
+
+def test_transfer_reads_the_chat_under_several_draws_of_distractors(toy):
+    """`toyworld.transfer --mc-draws`: each draw asks other questions of the same images, the
+    first is the one the app asks, and an empty delta gains nothing under any draw."""
+    from lorsu_demo.delta import Delta
+    from lorsu_demo.toyworld.transfer import mc_draws
+    from lorsu_demo.vqa import mc_accuracy
+
+    target = domain_test_set("sketches")
+    drawn = mc_draws(toy, target, Delta(), draws=3)
+    assert drawn["before"][0] == mc_accuracy(toy, target)
+    assert drawn["gain"] == [0.0, 0.0, 0.0] and drawn["gain_sd"] == 0.0
+    assert len(set(drawn["before"])) > 1  # other questions, other answers
