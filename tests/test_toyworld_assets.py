@@ -394,3 +394,6 @@ def test_transfer_reads_the_chat_under_several_draws_of_distractors(toy):
     assert drawn["before"][0] == mc_accuracy(toy, target)
     assert drawn["gain"] == [0.0, 0.0, 0.0] and drawn["gain_sd"] == 0.0
     assert len(set(drawn["before"])) > 1  # other questions, other answers
+    # draw 0 already read (as `measure` has it) is taken as given, the others read as before
+    first = (drawn["before"][0], drawn["before"][0])
+    assert mc_draws(toy, target, Delta(), draws=3, first=first) == drawn

@@ -85,12 +85,17 @@ def readings(bundle, eval_set: EvalSet) -> dict[str, float]:
     }
 
 
-def mc_draws(bundle, eval_set: EvalSet, delta, draws: int) -> dict:
+def mc_draws(bundle, eval_set: EvalSet, delta, draws: int, first=None) -> dict:
     """The chat's multiple choice before and after `delta` under `draws` draws of distractors
-    (seeds 0..draws-1; seed 0 is what the app and the CLI ask): how much the draw moves TI."""
-    before = [mc_accuracy(bundle, eval_set, seed=s) for s in range(draws)]
+    (seeds 0..draws-1; seed 0 is what the app and the CLI ask): how much the draw moves TI.
+    `first`, when given, is seed 0's (before, after), already read, so it is not read again."""
+    seeds = range(1 if first else 0, draws)
+    before = [mc_accuracy(bundle, eval_set, seed=s) for s in seeds]
     with applied(bundle.vision_state(), [delta]):
-        after = [mc_accuracy(bundle, eval_set, seed=s) for s in range(draws)]
+        after = [mc_accuracy(bundle, eval_set, seed=s) for s in seeds]
+    if first:
+        before.insert(0, first[0])
+        after.insert(0, first[1])
     gains = [a - b for a, b in zip(after, before)]
     return {
         "before": before,
@@ -115,8 +120,12 @@ def measure(
     before = {s.name: readings(bundle, s) for s in sets}
     with applied(bundle.vision_state(), [history.sessions[-1].delta]):
         after = {s.name: readings(bundle, s) for s in sets}
-    gain = {r: after[plan.target.name][r] - before[plan.target.name][r] for r in READINGS}
-    drawn = mc_draws(bundle, plan.target, history.sessions[-1].delta, draws) if draws else None
+    target = plan.target.name
+    gain = {r: after[target][r] - before[target][r] for r in READINGS}
+    first = (before[target]["mc"], after[target]["mc"])
+    drawn = (
+        mc_draws(bundle, plan.target, history.sessions[-1].delta, draws, first) if draws else None
+    )
     return {
         "mc_draws": drawn,
         "data": str(data),
