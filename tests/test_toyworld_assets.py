@@ -394,6 +394,7 @@ def test_transfer_reads_the_chat_under_several_draws_of_distractors(toy):
     assert drawn["before"][0] == mc_accuracy(toy, target)
     assert drawn["gain"] == [0.0, 0.0, 0.0] and drawn["gain_sd"] == 0.0
     assert len(set(drawn["before"])) > 1  # other questions, other answers
-    # draw 0 already read (as `measure` has it) is taken as given, the others read as before
-    first = (drawn["before"][0], drawn["before"][0])
-    assert mc_draws(toy, target, Delta(), draws=3, first=first) == drawn
+    # draw 0 already read (as `measure` has it) is taken as given, not read again
+    given = mc_draws(toy, target, Delta(), draws=3, first=(-1.0, 5.0))
+    assert given["before"] == [-1.0, *drawn["before"][1:]] and given["gain"][0] == 6.0
+    assert given["gain"][1:] == [0.0, 0.0]
