@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -318,29 +319,130 @@ def start_history(path: str | Path | None, bundle) -> History:
     return history
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`0-4` or `0,3,7` (or both: `0-2,9`) as a list of distinct seeds, in the order given."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise MethodError(
+                f"--seeds {text!r}: give seeds as numbers, a range or a list, e.g. 0-4 or 0,3,7."
+            )
+        span = range(int(first), int(last) + 1) if dash else [int(first)]
+        if not span:
+            raise MethodError(f"--seeds {text!r}: the range {part} is empty; write it low-high.")
+        for seed in span:
+            if seed in seeds:
+                raise MethodError(f"--seeds {text!r} names seed {seed} twice.")
+            seeds.append(seed)
+    return seeds
+
+
+def seed_summary(per_seed: list[dict]) -> list[dict]:
+    """Each method's TI and CC over the seeds' comparisons: mean, sample sd, min and max of
+    every reading (`ti_clip`, `cc_mc`, ...), and the seeds they come from."""
+    methods: dict[str, list[dict]] = {}
+    for run in per_seed:
+        for row in run["results"]:
+            methods.setdefault(row["method"], []).append(row)
+    summary = []
+    for method, rows in methods.items():
+        entry: dict[str, Any] = {"method": method, "seeds": len(rows)}
+        for key in rows[0]:
+            if not key.startswith(("ti_", "cc_")):
+                continue
+            values = [r[key] for r in rows if r.get(key) is not None]
+            if not values:
+                continue
+            entry[key] = {
+                "mean": statistics.fmean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values),
+                "max": max(values),
+            }
+        summary.append(entry)
+    return summary
+
+
+def summary_table(summary: list[dict]) -> str:
+    """The seeds' summary as a Markdown table: mean +- sd (min to max) of every reading."""
+    keys = []
+    for entry in summary:
+        keys += [k for k in entry if k.startswith(("ti_", "cc_")) and k not in keys]
+    readers = [k[3:] for k in keys if k.startswith("ti_")]
+    head = ["method", "seeds", *[f"{w} {r}" for r in readers for w in ("TI", "CC")]]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---|" * (len(head) - 2)]
+    for entry in summary:
+        cells = [entry["method"], str(entry["seeds"])]
+        for r in readers:
+            for w in ("ti", "cc"):
+                got = entry.get(f"{w}_{r}")
+                cells.append(
+                    "-"
+                    if got is None
+                    else f"{got['mean']:+.1f} +- {got['sd']:.1f} "
+                    f"({got['min']:+.1f} to {got['max']:+.1f})"
+                )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cmd_compare(args) -> int:
     from .cli import say
     from .model import load_bundle
-    from .runs import one_session, plan_run, run_seed
 
     methods = parse_methods(args.methods)
     overrides = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
     for item in args.set or []:
         key, _, value = item.partition("=")
         overrides[key.replace("-", "_")] = json.loads(value) if _looks_json(value) else value
-    seed = args.seed
+    if args.seeds is not None and args.seed is not None:
+        raise MethodError("Give --seed or --seeds, not both.")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed or 0]
     bundle = load_bundle(
         args.model,
         device=args.device,
-        seed=seed if args.model_seed is None else args.model_seed,
+        seed=seeds[0] if args.model_seed is None else args.model_seed,
         memory=args.memory,
         clip=args.clip,
     )
     settings = settings_per_method(bundle, methods, overrides)
-    plan = plan_run(bundle, args.data, args.control, 1, args.shots, seed)
     history = start_history(args.start_from, bundle)
-    train = one_session(plan.domain, args.shots, seed)
     also = None if args.also_eval == "none" else args.also_eval
+    runs = []
+    for seed in seeds:
+        out = None
+        if args.out:
+            out = Path(args.out) / f"seed-{seed}" if args.seeds is not None else Path(args.out)
+        runs.append(
+            _compare_with_seed(args, bundle, methods, settings, history, also, seed, out, say)
+        )
+    if args.seeds is None:
+        summary = runs[0]
+    else:
+        summary = {
+            key: runs[0][key]
+            for key in ("model", "data", "target", "controls", "shots", "reader", "also")
+        }
+        summary["start_sessions"] = len(history)
+        summary["seeds"] = seeds
+        summary["per_seed"] = runs
+        summary["summary"] = seed_summary(runs)
+    if args.json:
+        print(json.dumps(summary))
+    elif args.seeds is None:
+        print(results_table(summary["results"]))
+    else:
+        print(summary_table(summary["summary"]))
+    return 0
+
+
+def _compare_with_seed(args, bundle, methods, settings, history, also, seed, out, say) -> dict:
+    """One comparison (every method, one seed's shots) as `compare --seed SEED` prints it."""
+    from .runs import one_session, plan_run, run_seed
+
+    plan = plan_run(bundle, args.data, args.control, 1, args.shots, seed)
+    train = one_session(plan.domain, args.shots, seed)
     say(
         f"{bundle.name}: comparing {', '.join(methods)} on {plan.domain.name}, {args.shots} "
         f"shots per class, seed {seed}, from {len(history)} earlier session(s)"
@@ -368,8 +470,7 @@ def cmd_compare(args) -> int:
             say(f"{current} {_describe_result(event.result)}")
         elif event.kind == "step" and (event.step == event.total or event.step % 10 == 0):
             say(f"{current} step {event.step}/{event.total} loss {event.loss:.4f}")
-    if args.out:
-        out = Path(args.out)
+    if out:
         for name, record in records.items():
             kept = History(model=dict(history.model), base=dict(history.base))
             for earlier in history.sessions:
@@ -377,7 +478,7 @@ def cmd_compare(args) -> int:
             kept.append(record)
             kept.save(out / name / "history.lorsu")
         say(f"wrote {out}/<method>/history.lorsu (continue one with train --start-from)")
-    summary = {
+    return {
         "model": bundle.source.get("model"),
         "data": str(args.data),
         "target": plan.target.name,
@@ -394,11 +495,6 @@ def cmd_compare(args) -> int:
         },
         "results": results,
     }
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(results_table(results))
-    return 0
 
 
 def _first_base(records: dict, name: str):
@@ -484,9 +580,17 @@ def add_commands(commands) -> None:
         metavar="KEY=VALUE",
         help="a setting, for the methods that have it",
     )
-    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--seed", type=int, default=None, help="(default: 0)")
     compare.add_argument(
-        "--model-seed", type=int, help="seed of tiny-random's random weights (default: --seed)"
+        "--seeds",
+        metavar="LIST",
+        help="run the comparison once per seed (0-4, or 0,3,7) and summarise each method's TI "
+        "and CC over them: mean, sd, min, max (--out writes OUT/seed-S/<method>/...)",
+    )
+    compare.add_argument(
+        "--model-seed",
+        type=int,
+        help="seed of tiny-random's random weights (default: --seed, or the first of --seeds)",
     )
     compare.add_argument(
         "--eval",

@@ -19,8 +19,10 @@ from lorsu_demo.compare import (
     MethodResult,
     MethodStart,
     parse_methods,
+    parse_seeds,
     results_table,
     run_compare,
+    summary_table,
 )
 from lorsu_demo.events import Done, Step
 from lorsu_demo.history import History
@@ -168,6 +170,48 @@ def test_cli_compare_prints_the_results_of_each_method(colour_folder, capsys, tm
     # mistakes are messages
     assert main(["compare", *common, "--methods", "lorsu,nope"]) == 2
     assert "Unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_seeds_are_read_as_ranges_and_lists_and_mistakes_are_messages():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("3, 0,7") == [3, 0, 7]
+    assert parse_seeds("0-2,9") == [0, 1, 2, 9]
+    for bad, says in [("x", "numbers"), ("4-1", "empty"), ("1,0-2", "twice"), ("", "numbers")]:
+        with pytest.raises(MethodError, match=says):
+            parse_seeds(bad)
+
+
+def test_cli_compare_over_seeds_summarises_each_method(colour_folder, capsys, tmp_path):
+    """`--seeds` is `--seed` run once per seed: each seed's comparison is the one `--seed S`
+    gives, and the summary is their mean, sd, min and max."""
+    common = ["--model", "tiny-random", "--data", str(colour_folder), "--shots", "3"]
+    common += ["--control", str(colour_folder / "test"), "--lr", "0.01", "--model-seed", "4"]
+    common += ["--epochs", "2", "--batch-size", "4", "--methods", "lorsu,full", "--json"]
+    out = cli_json(capsys, ["compare", *common, "--seeds", "1,2", "--out", str(tmp_path)])
+    assert out["seeds"] == [1, 2] and [run["seed"] for run in out["per_seed"]] == [1, 2]
+    for run in out["per_seed"]:
+        alone = cli_json(capsys, ["compare", *common, "--seed", str(run["seed"])])
+        assert run["results"] == [
+            {**r, "seconds": s["seconds"]} for r, s in zip(alone["results"], run["results"])
+        ]
+    lorsu = out["summary"][0]
+    assert lorsu["method"] == "lorsu" and lorsu["seeds"] == 2
+    tis = [run["results"][0]["ti_mc"] for run in out["per_seed"]]
+    assert lorsu["ti_mc"]["mean"] == pytest.approx(sum(tis) / 2)
+    assert lorsu["ti_mc"]["sd"] == pytest.approx(abs(tis[0] - tis[1]) / math.sqrt(2))
+    assert (lorsu["ti_mc"]["min"], lorsu["ti_mc"]["max"]) == (min(tis), max(tis))
+    assert set(out["summary"][1]) >= {"method", "ti_clip", "cc_clip", "ti_mc", "cc_mc"}
+    # each seed's sessions are kept apart
+    assert History.load(tmp_path / "seed-2" / "full" / "history.lorsu").sessions[0].method == "full"
+    # the table a person reads
+    lines = summary_table(out["summary"]).splitlines()
+    assert lines[0].startswith("| method | seeds | TI clip | CC clip | TI mc | CC mc |")
+    assert f"{lorsu['ti_mc']['mean']:+.1f} +- " in lines[2]
+    # one seed or several, not both
+    assert main(["compare", *common, "--seed", "1", "--seeds", "1,2"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["compare", *common, "--seeds", "2-1"]) == 2
+    assert "low-high" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
