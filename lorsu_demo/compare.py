@@ -340,7 +340,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def seed_summary(per_seed: list[dict]) -> list[dict]:
     """Each method's TI and CC over the seeds' comparisons: mean, sample sd, min and max of
-    every reading (`ti_clip`, `cc_mc`, ...), and the seeds they come from."""
+    every reading (`ti_clip`, `cc_mc`, ...), and how many seeds it ran."""
     methods: dict[str, list[dict]] = {}
     for run in per_seed:
         for row in run["results"]:
@@ -366,10 +366,7 @@ def seed_summary(per_seed: list[dict]) -> list[dict]:
 
 def summary_table(summary: list[dict]) -> str:
     """The seeds' summary as a Markdown table: mean +- sd (min to max) of every reading."""
-    keys = []
-    for entry in summary:
-        keys += [k for k in entry if k.startswith(("ti_", "cc_")) and k not in keys]
-    readers = [k[3:] for k in keys if k.startswith("ti_")]
+    readers = _readers(summary)
     head = ["method", "seeds", *[f"{w} {r}" for r in readers for w in ("TI", "CC")]]
     lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---|" * (len(head) - 2)]
     for entry in summary:
@@ -519,11 +516,17 @@ def _describe_result(row: dict) -> str:
     return ", ".join(parts)
 
 
+def _readers(rows: list[dict]) -> list[str]:
+    """The readers the rows were read with (`ti_<reader>` keys), in the order first met."""
+    readers: list[str] = []
+    for row in rows:
+        readers += [k[3:] for k in row if k.startswith("ti_") and k[3:] not in readers]
+    return readers
+
+
 def results_table(results: list[dict]) -> str:
     """The comparison as a Markdown table (the CLI prints it; docs paste it)."""
-    readers = []
-    for row in results:
-        readers += [k[3:] for k in row if k.startswith("ti_") and k[3:] not in readers]
+    readers = _readers(results)
     head = ["method", *[f"{w} {r}" for r in readers for w in ("TI", "CC")]]
     head += ["trainable params", "delta KB", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
