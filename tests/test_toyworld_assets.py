@@ -249,6 +249,42 @@ def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     assert written.processor.tokenizer.get_vocab() == written.clip_tokenizer.get_vocab()
 
 
+def test_the_training_seed_changes_the_weights_and_not_the_images(tmp_path):
+    tiny = ["--clip-images", "2", "--clip-letters", "1", "--clip-steps", "2", "--llm-images", "2"]
+    tiny += ["--llm-steps", "2", "--mimic-steps", "2", "--mimic-sessions", "1"]
+    tiny += ["--mimic-letters", "1", "--threads", "1", "--domain-images", "3", "2"]
+    tiny += ["--vision-layers", "2"]
+    for name, extra in (
+        ("default", []),
+        ("same", ["--train-seed", "0"]),
+        ("other", ["--train-seed", "1"]),
+    ):
+        recipe.main(["--out", str(tmp_path / name), "--seed", "0", *tiny, *extra])
+
+    def files(name, under):
+        root = tmp_path / name / under
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    for under in ("control", "domains", "toy/clip", "toy/vlm"):
+        assert files("same", under) == files("default", under)
+    for under in ("control", "domains"):
+        assert files("other", under) == files("default", under)
+    for tower in ("clip", "vlm"):
+        weights = Path("toy") / tower / "model.safetensors"
+        assert (tmp_path / "other" / weights).read_bytes() != (
+            tmp_path / "default" / weights
+        ).read_bytes()
+
+    def rebuild(name):
+        description = json.loads((tmp_path / name / "toy" / "bundle.json").read_text())[
+            "description"
+        ]
+        return description.split("Rebuild with ")[1]
+
+    assert rebuild("default") == "`python -m lorsu_demo.toyworld.train --out assets --seed 0`."
+    assert "--seed 0 --train-seed 1`" in rebuild("other")
+
+
 def test_option_distillation_is_least_when_the_letters_follow_the_readers_softmax():
     """`--mimic-soft`: a ranked question's answer letter is trained towards the reader's softmax
     over its options; rows without options (true labels) take no part."""

@@ -1,6 +1,10 @@
 """The toy world recipe: train a tiny CLIP and a tiny LLaVA from nothing, on CPU, and write assets.
 
-    python -m lorsu_demo.toyworld.train --out assets [--seed 0]
+    python -m lorsu_demo.toyworld.train --out assets [--seed 0] [--train-seed N]
+
+`--seed` draws every image; `--train-seed` (default: `--seed`) draws only what training does with
+them (initial weights, batches, augmentation, simulated sessions), so that several builds of one
+recipe on the same data can be compared.
 
 1. Generate the base world (printed digits and filled shapes, plus letters in many looks) and
    train a `CLIPModel` (both towers and projections) with a symmetric, multi-positive InfoNCE
@@ -760,7 +764,14 @@ def pretend_session(
 
 
 def look_sessions(
-    clip, clip_tokenizer, count: int, seed: int, reader="clip", log=print, figures=("strokes",)
+    clip,
+    clip_tokenizer,
+    count: int,
+    seed: int,
+    reader="clip",
+    log=print,
+    figures=("strokes",),
+    train_seed=None,
 ):
     """Like `simulated_sessions`, but each pretend session is what a user's session is: a few
     base classes (digits or shapes) in one new look (BASE_LOOKS), drawn as one of `figures`
@@ -775,8 +786,9 @@ def look_sessions(
     figure_choices = [[BASE_FIGURES.index(f) for f in fs] for fs in (figures, shape_figures)]
     base_x, _ = base_dataset(8, seed, split="look-sessions")
     look_px, base_px = to_pixels(look_x), to_pixels(base_x)
-    rng = np.random.default_rng([seed, 13])
-    gen = torch.Generator().manual_seed(seed + 13)
+    train_seed = seed if train_seed is None else train_seed
+    rng = np.random.default_rng([train_seed, 13])
+    gen = torch.Generator().manual_seed(train_seed + 13)
     families = [np.arange(len(DIGITS)), len(DIGITS) + np.arange(len(SHAPES))]
     feats, scores = [], []
     t0 = time.time()
@@ -808,7 +820,9 @@ def look_sessions(
     return torch.cat(feats), torch.cat(scores)
 
 
-def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, reader="clip", log=print):
+def simulated_sessions(
+    clip, clip_tokenizer, count: int, seed: int, reader="clip", log=print, train_seed=None
+):
     """Features and CLIP's guesses from copies of the encoder after short CLIP-loss sessions.
 
     Each pretend session teaches a copy of the vision encoder that a few letters (a look the LLM
@@ -823,8 +837,9 @@ def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, reader="clip
     base_x, _ = base_dataset(8, seed, split="sessions")
     letter_px, base_px = to_pixels(letter_x), to_pixels(base_x)
     letter_labels = torch.from_numpy(letter_y)
-    rng = np.random.default_rng([seed, 7])
-    gen = torch.Generator().manual_seed(seed + 7)
+    train_seed = seed if train_seed is None else train_seed
+    rng = np.random.default_rng([train_seed, 7])
+    gen = torch.Generator().manual_seed(train_seed + 7)
     feats, scores = [], []
     t0 = time.time()
     for s in range(count):
@@ -846,7 +861,15 @@ def simulated_sessions(clip, clip_tokenizer, count: int, seed: int, reader="clip
 
 
 def method_sessions(
-    clip, clip_tokenizer, vlm, processor, count: int, seed: int, reader="clip", log=print
+    clip,
+    clip_tokenizer,
+    vlm,
+    processor,
+    count: int,
+    seed: int,
+    reader="clip",
+    log=print,
+    train_seed=None,
 ):
     """Like `simulated_sessions`, but each pretend session is a real default session of the app's
     own method (`lorsu`, through `run_session` on a bundle saved from these models): the
@@ -869,7 +892,7 @@ def method_sessions(
     letter_x, letter_y = letters_dataset(30, seed, split="sessions")
     base_x, _ = base_dataset(8, seed, split="sessions")
     letter_px, base_px = to_pixels(letter_x), to_pixels(base_x)
-    rng = np.random.default_rng([seed, 11])
+    rng = np.random.default_rng([seed if train_seed is None else train_seed, 11])
     feats, scores = [], []
     t0 = time.time()
     with tempfile.TemporaryDirectory() as folder:
@@ -922,7 +945,9 @@ def method_sessions(
 # Saving
 
 
-def save_bundle(out: Path, clip, clip_tokenizer, vlm, processor, defaults: dict, seed: int):
+def save_bundle(
+    out: Path, clip, clip_tokenizer, vlm, processor, defaults: dict, seed: int, train_seed=None
+):
     toy = Path(out) / "toy"
     if toy.exists():
         shutil.rmtree(toy)
@@ -936,6 +961,9 @@ def save_bundle(out: Path, clip, clip_tokenizer, vlm, processor, defaults: dict,
     vlm.float()
     clip.float()
     clip_layers = clip.config.vision_config.num_hidden_layers
+    seeds = f"--seed {seed}"
+    if train_seed is not None and train_seed != seed:
+        seeds += f" --train-seed {train_seed}"
     bundle = {
         "format": "lorsu-demo-bundle",
         "version": 1,
@@ -952,7 +980,7 @@ def save_bundle(out: Path, clip, clip_tokenizer, vlm, processor, defaults: dict,
             "4-layer Llama of width 128) trained from scratch on CPU on printed digits and filled "
             "shapes. "
             f"Classes: {', '.join(BASE_CLASSES)}. Example domains: {', '.join(DOMAINS)}. "
-            f"Rebuild with `python -m lorsu_demo.toyworld.train --out assets --seed {seed}`."
+            f"Rebuild with `python -m lorsu_demo.toyworld.train --out assets {seeds}`."
         ),
     }
     (toy / "bundle.json").write_text(json.dumps(bundle, indent=2) + "\n")
@@ -980,7 +1008,13 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", default="assets", type=Path)
-    ap.add_argument("--seed", default=0, type=int)
+    ap.add_argument("--seed", default=0, type=int, help="draws every image (data and assets)")
+    ap.add_argument(
+        "--train-seed",
+        type=int,
+        help="draws the initial weights, the order and augmentation of training batches and the "
+        "simulated sessions; the images stay those of --seed (default: --seed)",
+    )
     ap.add_argument(
         "--data-only", action="store_true", help="write control/, domains/ and LICENSES.md only"
     )
@@ -1117,10 +1151,11 @@ def main(argv=None):
     if args.data_only:
         return
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    clip, vlm, clip_tok, _, processor = build_models(args.seed, vision_layers=args.vision_layers)
+    train_seed = args.seed if args.train_seed is None else args.train_seed
+    random.seed(train_seed)
+    np.random.seed(train_seed)
+    torch.manual_seed(train_seed)
+    clip, vlm, clip_tok, _, processor = build_models(train_seed, vision_layers=args.vision_layers)
     if args.clip_from:
         clip.load_state_dict(CLIPModel.from_pretrained(args.clip_from).float().state_dict())
         log(f"CLIP weights from {args.clip_from}")
@@ -1136,7 +1171,7 @@ def main(argv=None):
             steps=args.clip_steps,
             batch=128,
             lr=1e-3,
-            seed=args.seed,
+            seed=train_seed,
             read_weight=args.read_weight,
             skip_last=args.skip_last,
             log=log,
@@ -1149,10 +1184,10 @@ def main(argv=None):
     clip.half().float()
     vlm.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     images, labels = base_dataset(args.llm_images, args.seed, split="llm")
-    feats = vision_feature_cache(vlm, images, args.llm_views, args.seed)
+    feats = vision_feature_cache(vlm, images, args.llm_views, train_seed)
     labels = torch.from_numpy(np.tile(labels, args.llm_views + 1))
     log(f"{len(images)} base images for the LLM, features {tuple(feats.shape)}")
-    common = dict(batch=64, seed=args.seed, align=args.llm_align, pooled=args.llm_pooled, log=log)
+    common = dict(batch=64, seed=train_seed, align=args.llm_align, pooled=args.llm_pooled, log=log)
     if args.llm_from:
         vlm.load_state_dict(
             LlavaForConditionalGeneration.from_pretrained(args.llm_from).float().state_dict()
@@ -1177,7 +1212,13 @@ def main(argv=None):
         )
         if args.mimic_sessions > 0:
             session_f, session_s = simulated_sessions(
-                clip, clip_tok, args.mimic_sessions, args.seed, args.mimic_reader, log
+                clip,
+                clip_tok,
+                args.mimic_sessions,
+                args.seed,
+                args.mimic_reader,
+                log,
+                train_seed=train_seed,
             )
         else:
             session_f, session_s = letter_f[:0], letter_s[:0]
@@ -1195,6 +1236,7 @@ def main(argv=None):
                 args.seed,
                 args.mimic_reader,
                 log,
+                train_seed=train_seed,
             )
             log(f"{len(method_f)} samples from sessions of the app's own method")
             pools.append((method_f, method_s))
@@ -1209,6 +1251,7 @@ def main(argv=None):
                 args.mimic_reader,
                 log,
                 figures=look_figures,
+                train_seed=train_seed,
             )
             log(f"{len(look_f)} samples from sessions that teach base classes in new looks")
             pools.append((look_f, look_s))
@@ -1237,7 +1280,7 @@ def main(argv=None):
     acc = vlm_mc_accuracy(vlm, processor, ctrl_x, ctrl_y, BASE_CLASSES)
     log(f"VLM multiple choice on control: {acc:.3f}")
 
-    save_bundle(args.out, clip, clip_tok, vlm, processor, DEFAULTS, args.seed)
+    save_bundle(args.out, clip, clip_tok, vlm, processor, DEFAULTS, args.seed, train_seed)
     log(f"wrote {args.out / 'toy'}")
 
 
