@@ -231,15 +231,22 @@ def test_chat_multiple_choice_reads_the_control_set(toy):
     assert accuracy(toy, EvalSet("control", small, BASE_CLASSES, [TEMPLATE]), "mc") >= 90.0
 
 
-def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
-    recipe.main(
-        ["--out", str(tmp_path), "--clip-images", "2", "--clip-letters", "1"]
-        + ["--clip-steps", "2", "--llm-images", "2", "--llm-steps", "2", "--threads", "1"]
-        + ["--domain-images", "5", "2"]
-        + ["--mimic-steps", "2", "--mimic-sessions", "1", "--mimic-letters", "1"]
-        + ["--mimic-method-sessions", "1", "--mimic-look-sessions", "2", "--vision-layers", "3"]
-        + ["--mimic-look-figures", "mosaic,angular"]
-    )
+def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys):
+    with pytest.raises(SystemExit) as failed:
+        recipe.main(
+            ["--out", str(tmp_path), "--clip-images", "2", "--clip-letters", "1"]
+            + ["--clip-steps", "2", "--llm-images", "2", "--llm-steps", "2", "--threads", "1"]
+            + ["--llm-more-steps", "2", "--llm-more-rounds", "2", "--domain-images", "5", "2"]
+            + ["--mimic-steps", "2", "--mimic-sessions", "1", "--mimic-letters", "1"]
+            + ["--mimic-method-sessions", "1", "--mimic-look-sessions", "2"]
+            + ["--vision-layers", "3", "--mimic-look-figures", "mosaic,angular"]
+        )
+    # Two steps teach the LLM nothing: the stage goes on for its two more rounds, and the
+    # finished world, written all the same, fails its check on the control set.
+    assert failed.value.code == 1
+    out, err = capsys.readouterr()
+    assert "round 2 of the LLM stage" in out and "round 3" not in out
+    assert "control set's multiple-choice questions" in err and "--train-seed" in err
     written = load_bundle(str(tmp_path / "toy"))
     assert written.clip.vision_model is written.vlm.model.vision_tower
     assert len(written.clip.vision_model.encoder.layers) == 3  # not the shipped depth, 4
@@ -253,7 +260,7 @@ def test_the_training_seed_changes_the_weights_and_not_the_images(tmp_path):
     tiny = ["--clip-images", "2", "--clip-letters", "1", "--clip-steps", "2", "--llm-images", "2"]
     tiny += ["--llm-steps", "2", "--mimic-steps", "2", "--mimic-sessions", "1"]
     tiny += ["--mimic-letters", "1", "--threads", "1", "--domain-images", "3", "2"]
-    tiny += ["--vision-layers", "2"]
+    tiny += ["--vision-layers", "2", "--llm-more-rounds", "0", "--min-control", "0"]
     for name, extra in (
         ("default", []),
         ("same", ["--train-seed", "0"]),
@@ -283,6 +290,23 @@ def test_the_training_seed_changes_the_weights_and_not_the_images(tmp_path):
 
     assert rebuild("default") == "`python -m lorsu_demo.toyworld.train --out assets --seed 0`."
     assert "--seed 0 --train-seed 1`" in rebuild("other")
+
+
+def test_a_stage_that_learnt_every_question_gets_no_more_rounds(tmp_path, monkeypatch):
+    stages = []
+
+    def learnt_everything(*args, **kwargs):
+        stages.append(kwargs["steps"])
+        recipe_train_llm(*args, **kwargs)
+        return {"mc": 1.0, "open": 1.0, "yes/no": 1.0}
+
+    recipe_train_llm = recipe.train_llm
+    monkeypatch.setattr(recipe, "train_llm", learnt_everything)
+    tiny = ["--clip-images", "2", "--clip-letters", "1", "--clip-steps", "2", "--llm-images", "2"]
+    tiny += ["--llm-steps", "3", "--mimic-steps", "2", "--mimic-sessions", "1", "--llm-more-steps"]
+    tiny += ["5", "--mimic-letters", "1", "--threads", "1", "--domain-images", "3", "2"]
+    recipe.main(["--out", str(tmp_path), *tiny, "--vision-layers", "2", "--min-control", "0"])
+    assert stages == [3, 2]  # the LLM stage and the third, no round of 5 steps between
 
 
 def test_option_distillation_is_least_when_the_letters_follow_the_readers_softmax():

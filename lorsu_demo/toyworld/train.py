@@ -33,6 +33,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -499,6 +500,9 @@ def option_distillation_loss(logits, labels, asked, scores, letter_ids, scale: f
     return torch.stack(terms).mean()
 
 
+LEARNT = 0.95  # first-token accuracy at which the LLM stage counts a kind of question as learnt
+
+
 def _task(question: str) -> str:
     if MC_INSTRUCTION in question:
         return "mc"
@@ -546,7 +550,7 @@ def train_llm(
     soft_scale=100.0,
     report=None,
     log=print,
-):
+) -> dict[str, float]:
     """Train the projector and the LLM (the vision tower is frozen; its features are cached).
 
     `weights` (optional, one per sample) sets how often each sample is drawn; `scores`
@@ -556,6 +560,7 @@ def train_llm(
     also trained (that weight) towards the reader's own choice among the options, the softmax
     of `soft_scale` times its scores (distillation: the whole ranking, not only the best);
     `report` (features, labels) is what the progress lines measure (default: all samples).
+    Returns the last progress line's accuracies (per question kind).
 
     Two training aids make the matching tasks (yes/no, multiple choice) learnable for a tiny LLM
     trained from nothing; neither exists at inference, where the VLM is a plain LLaVA:
@@ -633,6 +638,7 @@ def train_llm(
                 f"llm step {step}/{steps} loss {loss.item():.3f} | {accs} ({time.time() - t0:.0f}s)"
             )
     vlm.eval()
+    return acc
 
 
 @torch.no_grad()
@@ -1024,6 +1030,23 @@ def main(argv=None):
     ap.add_argument("--llm-images", default=400, type=int, help="base images per class for the LLM")
     ap.add_argument("--llm-steps", default=3200, type=int)
     ap.add_argument(
+        "--llm-more-steps",
+        default=1600,
+        type=int,
+        help="steps of each further round of the LLM stage, run while a kind of question (open, "
+        f"yes/no, multiple choice) is answered below {LEARNT:.0%} at the end of the stage",
+    )
+    ap.add_argument(
+        "--llm-more-rounds", default=3, type=int, help="at most this many further rounds"
+    )
+    ap.add_argument(
+        "--min-control",
+        default=0.9,
+        type=float,
+        help="the chat's multiple-choice accuracy on the control set that the finished world must "
+        "reach; below it the recipe writes the world but exits with status 1 (0: no check)",
+    )
+    ap.add_argument(
         "--llm-views", default=4, type=int, help="augmented copies of each LLM image's features"
     )
     ap.add_argument(
@@ -1194,7 +1217,23 @@ def main(argv=None):
         )
         log(f"VLM weights from {args.llm_from} (the first LLM stage skipped)")
     else:
-        train_llm(vlm, processor, feats, labels, steps=args.llm_steps, lr=1e-3, **common)
+        learnt = train_llm(vlm, processor, feats, labels, steps=args.llm_steps, lr=1e-3, **common)
+        # The matching questions (yes/no, multiple choice) are learnt suddenly, after a plateau
+        # whose length depends on the training seed; a round with a fresh warm-up finishes what
+        # a late start left half done. A build that learnt them in time never enters the loop.
+        for more in range(args.llm_more_rounds):
+            if min(learnt.values()) >= LEARNT:
+                break
+            log(f"questions not yet learnt ({learnt}): round {more + 1} of the LLM stage")
+            learnt = train_llm(
+                vlm,
+                processor,
+                feats,
+                labels,
+                steps=args.llm_more_steps,
+                lr=1e-3,
+                **{**common, "seed": train_seed + 1000 + more},
+            )
     if args.mimic_steps > 0:
         # Stage 3 starts from the weights as fp16 stores them, as `--llm-from` gives them. Only
         # the parameters: a round trip of the whole module through half() would also round
@@ -1282,6 +1321,15 @@ def main(argv=None):
 
     save_bundle(args.out, clip, clip_tok, vlm, processor, DEFAULTS, args.seed, train_seed)
     log(f"wrote {args.out / 'toy'}")
+    if acc < args.min_control:
+        print(
+            f"This build's chat answers {acc:.0%} of the control set's multiple-choice questions, "
+            f"below the {args.min_control:.0%} a world must know before any session. Do not ship "
+            "it: build again with another --train-seed, or with more --llm-steps or "
+            "--llm-more-rounds.",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":
