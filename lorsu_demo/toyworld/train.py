@@ -14,12 +14,13 @@ recipe on the same data can be compared.
    weights), freeze it, and train the projector and a small Llama on image-question-answer text in
    LLaVA-1.5's prompt format: "What is in this image?" -> "a {label}", "Is this a {label}?" ->
    yes/no, the 5-way multiple-choice prompt -> the letter, and the perplexity-variant prompt ->
-   "this is a {label}".
+   "this is a {label}". The stage goes on in further rounds while a kind of question is not yet
+   learnt (the matching questions are learnt suddenly, after a plateau of seed-dependent length).
 3. Teach the LLM to answer what CLIP says: more steps in which half of the samples are letters
    and the features of simulated sessions (copies of the encoder taught with the CLIP loss that
    some letters are base classes), labelled with CLIP's own guess instead of a true label.
 4. Write `assets/toy/` (bundle.json, vlm/, clip/), `assets/control/`, `assets/domains/` and
-   `assets/LICENSES.md`.
+   `assets/LICENSES.md`, then check the chat on the control set (exit status 1 below 90%).
 
 Everything is seeded; on 2 CPU cores the whole recipe takes about 33.5 minutes (docs/toyworld.md).
 """
