@@ -309,6 +309,14 @@ def test_a_stage_that_learnt_every_question_gets_no_more_rounds(tmp_path, monkey
     assert stages == [3, 2]  # the LLM stage and the third, no round of 5 steps between
 
 
+def test_a_clip_only_build_has_no_llm_stage_to_judge(tmp_path, capsys):
+    tiny = ["--clip-images", "2", "--clip-letters", "1", "--clip-steps", "2", "--llm-images", "2"]
+    tiny += ["--llm-steps", "0", "--mimic-steps", "0", "--threads", "1", "--domain-images", "3"]
+    recipe.main(["--out", str(tmp_path), *tiny, "2", "--vision-layers", "2", "--min-control", "0"])
+    assert "round" not in capsys.readouterr().out
+    assert (tmp_path / "toy" / "clip" / "model.safetensors").exists()
+
+
 def test_option_distillation_is_least_when_the_letters_follow_the_readers_softmax():
     """`--mimic-soft`: a ranked question's answer letter is trained towards the reader's softmax
     over its options; rows without options (true labels) take no part."""

@@ -589,6 +589,7 @@ def train_llm(
     vlm.train()
     t0 = time.time()
     report = report or (feats, labels)
+    acc: dict[str, float] = {}  # stays empty for a stage of no steps: nothing to judge
     for step in range(steps):
         if weights is None:
             idx = torch.randint(len(feats), (batch,), generator=gen)
@@ -1223,7 +1224,7 @@ def main(argv=None):
         # whose length depends on the training seed; a round with a fresh warm-up finishes what
         # a late start left half done. A build that learnt them in time never enters the loop.
         for more in range(args.llm_more_rounds):
-            if min(learnt.values()) >= LEARNT:
+            if not learnt or min(learnt.values()) >= LEARNT:
                 break
             log(f"questions not yet learnt ({learnt}): round {more + 1} of the LLM stage")
             learnt = train_llm(
