@@ -231,15 +231,21 @@ def test_chat_multiple_choice_reads_the_control_set(toy):
     assert accuracy(toy, EvalSet("control", small, BASE_CLASSES, [TEMPLATE]), "mc") >= 90.0
 
 
+def tiny_recipe(out: Path, *args: str) -> None:
+    """The recipe at a tiny scale, every stage in two steps (later `args` override these)."""
+    tiny = ["--clip-images", "2", "--clip-letters", "1", "--clip-steps", "2", "--llm-images", "2"]
+    tiny += ["--llm-steps", "2", "--mimic-steps", "2", "--mimic-sessions", "1"]
+    tiny += ["--mimic-letters", "1", "--threads", "1", "--domain-images", "3", "2"]
+    recipe.main(["--out", str(out), *tiny, "--vision-layers", "2", *args])
+
+
 def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys):
     with pytest.raises(SystemExit) as failed:
-        recipe.main(
-            ["--out", str(tmp_path), "--clip-images", "2", "--clip-letters", "1"]
-            + ["--clip-steps", "2", "--llm-images", "2", "--llm-steps", "2", "--threads", "1"]
-            + ["--llm-more-steps", "2", "--llm-more-rounds", "2", "--domain-images", "5", "2"]
-            + ["--mimic-steps", "2", "--mimic-sessions", "1", "--mimic-letters", "1"]
-            + ["--mimic-method-sessions", "1", "--mimic-look-sessions", "2"]
-            + ["--vision-layers", "3", "--mimic-look-figures", "mosaic,angular"]
+        tiny_recipe(
+            tmp_path,
+            *["--llm-more-steps", "2", "--llm-more-rounds", "2", "--domain-images", "5", "2"],
+            *["--mimic-method-sessions", "1", "--mimic-look-sessions", "2"],
+            *["--vision-layers", "3", "--mimic-look-figures", "mosaic,angular"],
         )
     # Two steps teach the LLM nothing: the stage goes on for its two more rounds, and the
     # finished world, written all the same, fails its check on the control set.
@@ -257,16 +263,14 @@ def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys):
 
 
 def test_the_training_seed_changes_the_weights_and_not_the_images(tmp_path):
-    tiny = ["--clip-images", "2", "--clip-letters", "1", "--clip-steps", "2", "--llm-images", "2"]
-    tiny += ["--llm-steps", "2", "--mimic-steps", "2", "--mimic-sessions", "1"]
-    tiny += ["--mimic-letters", "1", "--threads", "1", "--domain-images", "3", "2"]
-    tiny += ["--vision-layers", "2", "--llm-more-rounds", "0", "--min-control", "0"]
     for name, extra in (
         ("default", []),
         ("same", ["--train-seed", "0"]),
         ("other", ["--train-seed", "1"]),
     ):
-        recipe.main(["--out", str(tmp_path / name), "--seed", "0", *tiny, *extra])
+        tiny_recipe(
+            tmp_path / name, "--seed", "0", "--llm-more-rounds", "0", "--min-control", "0", *extra
+        )
 
     def files(name, under):
         root = tmp_path / name / under
@@ -302,17 +306,12 @@ def test_a_stage_that_learnt_every_question_gets_no_more_rounds(tmp_path, monkey
 
     recipe_train_llm = recipe.train_llm
     monkeypatch.setattr(recipe, "train_llm", learnt_everything)
-    tiny = ["--clip-images", "2", "--clip-letters", "1", "--clip-steps", "2", "--llm-images", "2"]
-    tiny += ["--llm-steps", "3", "--mimic-steps", "2", "--mimic-sessions", "1", "--llm-more-steps"]
-    tiny += ["5", "--mimic-letters", "1", "--threads", "1", "--domain-images", "3", "2"]
-    recipe.main(["--out", str(tmp_path), *tiny, "--vision-layers", "2", "--min-control", "0"])
+    tiny_recipe(tmp_path, "--llm-steps", "3", "--llm-more-steps", "5", "--min-control", "0")
     assert stages == [3, 2]  # the LLM stage and the third, no round of 5 steps between
 
 
 def test_a_clip_only_build_has_no_llm_stage_to_judge(tmp_path, capsys):
-    tiny = ["--clip-images", "2", "--clip-letters", "1", "--clip-steps", "2", "--llm-images", "2"]
-    tiny += ["--llm-steps", "0", "--mimic-steps", "0", "--threads", "1", "--domain-images", "3"]
-    recipe.main(["--out", str(tmp_path), *tiny, "2", "--vision-layers", "2", "--min-control", "0"])
+    tiny_recipe(tmp_path, "--llm-steps", "0", "--mimic-steps", "0", "--min-control", "0")
     assert "round" not in capsys.readouterr().out
     assert (tmp_path / "toy" / "clip" / "model.safetensors").exists()
 
