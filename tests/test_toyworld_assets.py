@@ -316,6 +316,26 @@ def test_a_clip_only_build_has_no_llm_stage_to_judge(tmp_path, capsys):
     assert (tmp_path / "toy" / "clip" / "model.safetensors").exists()
 
 
+def test_a_standin_curriculum_starts_the_llm_stage_on_words_alone(tmp_path, monkeypatch):
+    shares = []
+
+    def recording(vlm, feats, input_ids, attention_mask, image_override=None):
+        if image_override is not None:  # a training step, not a progress line
+            shares.append((~image_override.isnan()).all(-1).all(-1).float().mean().item())
+        return recipe_logits(vlm, feats, input_ids, attention_mask, image_override)
+
+    recipe_logits = recipe.llava_logits_from_features
+    monkeypatch.setattr(recipe, "llava_logits_from_features", recording)
+    common = ["--llm-steps", "4", "--mimic-steps", "0", "--llm-more-rounds", "0"]
+    tiny_recipe(tmp_path / "plain", *common, "--min-control", "0")
+    plain, shares[:] = list(shares), []
+    tiny_recipe(tmp_path / "words", *common, "--min-control", "0", "--llm-standin-start", "1")
+    assert len(plain) == len(shares) == 4
+    # 64 samples a step; the share of stand-ins falls 1.0, 0.65, 0.3, 0.3 instead of 0.3 throughout
+    assert plain[0] < 0.6 and shares[0] == 1.0 and 0.4 < shares[1] < 1.0
+    assert shares[2] < 0.6 and shares[3] < 0.6
+
+
 def test_option_distillation_is_least_when_the_letters_follow_the_readers_softmax():
     """`--mimic-soft`: a ranked question's answer letter is trained towards the reader's softmax
     over its options; rows without options (true labels) take no part."""

@@ -542,6 +542,7 @@ def train_llm(
     lr,
     seed,
     standin=0.3,
+    standin_start=None,
     align=0.1,
     pooled=0.0,
     weights=None,
@@ -561,6 +562,8 @@ def train_llm(
     also trained (that weight) towards the reader's own choice among the options, the softmax
     of `soft_scale` times its scores (distillation: the whole ranking, not only the best);
     `report` (features, labels) is what the progress lines measure (default: all samples).
+    With `standin_start`, the stand-in fraction starts there and falls linearly to `standin`
+    over the first half of the steps (a curriculum: words first, then images).
     Returns the last progress line's accuracies (per question kind).
 
     Two training aids make the matching tasks (yes/no, multiple choice) learnable for a tiny LLM
@@ -612,7 +615,10 @@ def train_llm(
         words = embed(label_ids[y])  # [B, H]
         # A stand-in is the guess's word: it cannot tell which option CLIP ranks first when the
         # guess is not among them.
-        use = (torch.rand(batch, generator=gen) < standin) & ~by_rank
+        share = standin
+        if standin_start is not None:
+            share = standin_start + (standin - standin_start) * min(1.0, 2 * step / steps)
+        use = (torch.rand(batch, generator=gen) < share) & ~by_rank
         use = use[:, None, None]
         override = torch.where(use, words[:, None, :].expand(-1, feats.shape[1], -1), nan)
         seen = feats[idx]
@@ -1049,6 +1055,12 @@ def main(argv=None):
         "reach; below it the recipe writes the world but exits with status 1 (0: no check)",
     )
     ap.add_argument(
+        "--llm-standin-start",
+        type=float,
+        help="fraction of the first LLM stage's samples whose image tokens are the label word's "
+        "embedding at its start, falling to the usual 0.3 by its middle (default: 0.3 throughout)",
+    )
+    ap.add_argument(
         "--llm-views", default=4, type=int, help="augmented copies of each LLM image's features"
     )
     ap.add_argument(
@@ -1219,7 +1231,16 @@ def main(argv=None):
         )
         log(f"VLM weights from {args.llm_from} (the first LLM stage skipped)")
     else:
-        learnt = train_llm(vlm, processor, feats, labels, steps=args.llm_steps, lr=1e-3, **common)
+        learnt = train_llm(
+            vlm,
+            processor,
+            feats,
+            labels,
+            steps=args.llm_steps,
+            lr=1e-3,
+            standin_start=args.llm_standin_start,
+            **common,
+        )
         # The matching questions (yes/no, multiple choice) are learnt suddenly, after a plateau
         # whose length depends on the training seed; a round with a fresh warm-up finishes what
         # a late start left half done. A build that learnt them in time never enters the loop.
