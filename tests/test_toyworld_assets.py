@@ -17,7 +17,7 @@ from lorsu_demo.data import Item, LabelledImages, load_folder, normalise, to_uni
 from lorsu_demo.evaluate import EvalSet, accuracy, clip_predictions
 from lorsu_demo.model import load_bundle
 from lorsu_demo.runs import control_sets
-from lorsu_demo.toyworld import data
+from lorsu_demo.toyworld import data, transfer
 from lorsu_demo.toyworld import train as recipe
 from lorsu_demo.toyworld.data import (
     BASE_CLASSES,
@@ -234,6 +234,7 @@ def test_chat_multiple_choice_reads_the_control_set(toy):
 def tiny_recipe(out: Path, *args: str) -> None:
     """The recipe at a tiny scale, every stage in two steps (later `args` override these)."""
     tiny = ["--clip-images", "2", "--clip-letters", "1", "--clip-steps", "2", "--llm-images", "2"]
+    tiny += ["--min-share", "0", "--share-draws", "1"]
     tiny += ["--llm-steps", "2", "--mimic-steps", "2", "--mimic-sessions", "1"]
     tiny += ["--mimic-letters", "1", "--threads", "1", "--domain-images", "3", "2"]
     recipe.main(["--out", str(out), *tiny, "--vision-layers", "2", *args])
@@ -246,6 +247,7 @@ def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys):
             *["--llm-more-steps", "2", "--llm-more-rounds", "2", "--domain-images", "5", "2"],
             *["--mimic-method-sessions", "1", "--mimic-look-sessions", "2"],
             *["--vision-layers", "3", "--mimic-look-figures", "mosaic,angular"],
+            *["--min-share", "0.5"],
         )
     # Two steps teach the LLM nothing: the stage goes on for its two more rounds, and the
     # finished world, written all the same, fails its check on the control set.
@@ -253,6 +255,9 @@ def test_the_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "round 2 of the LLM stage" in out and "round 3" not in out
     assert "control set's multiple-choice questions" in err and "--train-seed" in err
+    # ... and one session on each example domain, read by CLIP and the chat, judges it too.
+    for name in DOMAINS:
+        assert f"one default session on {name}: CLIP TI" in out
     written = load_bundle(str(tmp_path / "toy"))
     assert written.clip.vision_model is written.vlm.model.vision_tower
     assert len(written.clip.vision_model.encoder.layers) == 3  # not the shipped depth, 4
@@ -334,6 +339,31 @@ def test_a_standin_curriculum_starts_the_llm_stage_on_words_alone(tmp_path, monk
     # 64 samples a step; the share of stand-ins falls 1.0, 0.65, 0.3, 0.3 instead of 0.3 throughout
     assert plain[0] < 0.6 and shares[0] == 1.0 and 0.4 < shares[1] < 1.0
     assert shares[2] < 0.6 and shares[3] < 0.6
+
+
+def test_a_world_whose_chat_does_not_follow_a_session_is_not_shipped(tmp_path, monkeypatch, capsys):
+    shares = {"handwritten": (30.0, 20.0), "seven-segment": (40.0, 24.0), "sketches": (25.6, 0.9)}
+    read = []
+
+    def measured(model, data, draws=0):
+        clip_gain, chat_gain = shares[Path(data).name]
+        read.append((model, Path(data).name, draws))
+        return {"target_gain": {"clip": clip_gain}, "mc_draws": {"gain_mean": chat_gain}}
+
+    monkeypatch.setattr(transfer, "measure", measured)
+    problems = recipe.transfer_problems(tmp_path, 0.5, 3, log=lambda message: None)
+    assert len(problems) == 1 and "sketches" in problems[0] and "+0.9" in problems[0]
+    assert read == [(str(tmp_path / "toy"), name, 3) for name in DOMAINS]
+    assert recipe.transfer_problems(tmp_path, 0.03, 3, log=lambda message: None) == []
+    shares["sketches"] = (0.0, 0.0)  # CLIP learnt nothing: no share to take up
+    assert len(recipe.transfer_problems(tmp_path, 0.03, 3, log=lambda message: None)) == 1
+
+    with pytest.raises(SystemExit) as failed:  # the recipe says so, after writing the world
+        tiny_recipe(tmp_path, "--llm-more-rounds", "0", "--min-control", "0", "--min-share", "0.5")
+    assert failed.value.code == 1
+    err = capsys.readouterr().err
+    assert "a session on sketches moves its chat's multiple choice by +0.0" in err
+    assert "handwritten" not in err and (tmp_path / "toy" / "vlm").is_dir()
 
 
 def test_option_distillation_is_least_when_the_letters_follow_the_readers_softmax():

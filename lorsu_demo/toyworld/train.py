@@ -1061,6 +1061,20 @@ def main(argv=None):
         "embedding at its start, falling to the usual 0.3 by its middle (default: 0.3 throughout)",
     )
     ap.add_argument(
+        "--min-share",
+        default=0.5,
+        type=float,
+        help="the share of CLIP's gain that the chat's multiple choice must take up after one "
+        "default session on each example domain; below it the recipe exits with status 1 "
+        "(0: no check)",
+    )
+    ap.add_argument(
+        "--share-draws",
+        default=5,
+        type=int,
+        help="draws of distractors the chat's multiple choice is read under for that check",
+    )
+    ap.add_argument(
         "--llm-views", default=4, type=int, help="augmented copies of each LLM image's features"
     )
     ap.add_argument(
@@ -1344,15 +1358,52 @@ def main(argv=None):
 
     save_bundle(args.out, clip, clip_tok, vlm, processor, DEFAULTS, args.seed, train_seed)
     log(f"wrote {args.out / 'toy'}")
+    problems = []
     if acc < args.min_control:
+        problems.append(
+            f"its chat answers {acc:.0%} of the control set's multiple-choice questions, below "
+            f"the {args.min_control:.0%} a world must know before any session"
+        )
+    if args.min_share > 0:
+        problems += transfer_problems(args.out, args.min_share, args.share_draws, log)
+    if problems:
         print(
-            f"This build's chat answers {acc:.0%} of the control set's multiple-choice questions, "
-            f"below the {args.min_control:.0%} a world must know before any session. Do not ship "
-            "it: build again with another --train-seed, or with more --llm-steps or "
+            "Do not ship this build: "
+            + "; ".join(problems)
+            + ". Build again with another --train-seed, or with more --llm-steps or "
             "--llm-more-rounds.",
             file=sys.stderr,
         )
         sys.exit(1)
+
+
+def transfer_problems(out: Path, min_share: float, draws: int, log=print) -> list[str]:
+    """One default 5-shot `lorsu` session on each example domain of the world written to `out`,
+    read by CLIP and by the chat's multiple choice (mean over `draws` draws of distractors).
+
+    Builds of one recipe that differ only in their training seed differ most in this: how much
+    of a session's learning the chat takes up (docs/toyworld.md). A world whose chat takes up
+    less than `min_share` of CLIP's gain on a domain does not show what the app exists to show.
+    """
+    from lorsu_demo.toyworld.transfer import measure  # transfer reads the recipe's helpers
+
+    problems = []
+    for name in DOMAINS:
+        result = measure(str(out / "toy"), str(out / "domains" / name), draws=max(draws, 1))
+        clip_gain = result["target_gain"]["clip"]
+        chat_gain = result["mc_draws"]["gain_mean"]
+        share = chat_gain / clip_gain if clip_gain > 0 else float("nan")
+        log(
+            f"one default session on {name}: CLIP TI {clip_gain:+.1f}, the chat's multiple "
+            f"choice TI {chat_gain:+.1f} (mean of {max(draws, 1)} draws), {share:.2f} of CLIP's"
+        )
+        if not share >= min_share:  # NaN (CLIP learnt nothing) fails too
+            problems.append(
+                f"a session on {name} moves its chat's multiple choice by {chat_gain:+.1f} "
+                f"where CLIP gains {clip_gain:+.1f} ({share:.2f} of it, at least {min_share:.2f} "
+                "wanted)"
+            )
+    return problems
 
 
 if __name__ == "__main__":
