@@ -20,9 +20,11 @@ recipe on the same data can be compared.
    and the features of simulated sessions (copies of the encoder taught with the CLIP loss that
    some letters are base classes), labelled with CLIP's own guess instead of a true label.
 4. Write `assets/toy/` (bundle.json, vlm/, clip/), `assets/control/`, `assets/domains/` and
-   `assets/LICENSES.md`, then check the chat on the control set (exit status 1 below 90%).
+   `assets/LICENSES.md`, then check the written world: its chat on the control set (at least
+   90%), and its chat's share of CLIP's gain after one default session on each example domain
+   (at least half); below either, exit status 1.
 
-Everything is seeded; on 2 CPU cores the whole recipe takes about 33.5 minutes (docs/toyworld.md).
+Everything is seeded; on 2 CPU cores the whole recipe takes about 34 minutes (docs/toyworld.md).
 """
 
 from __future__ import annotations
@@ -1387,15 +1389,16 @@ def transfer_problems(out: Path, min_share: float, draws: int, log=print) -> lis
     """
     from lorsu_demo.toyworld.transfer import measure  # transfer reads the recipe's helpers
 
+    draws = max(draws, 1)
     problems = []
     for name in DOMAINS:
-        result = measure(str(out / "toy"), str(out / "domains" / name), draws=max(draws, 1))
+        result = measure(str(out / "toy"), str(out / "domains" / name), draws=draws)
         clip_gain = result["target_gain"]["clip"]
         chat_gain = result["mc_draws"]["gain_mean"]
         share = chat_gain / clip_gain if clip_gain > 0 else float("nan")
         log(
             f"one default session on {name}: CLIP TI {clip_gain:+.1f}, the chat's multiple "
-            f"choice TI {chat_gain:+.1f} (mean of {max(draws, 1)} draws), {share:.2f} of CLIP's"
+            f"choice TI {chat_gain:+.1f} (mean of {draws} draws), {share:.2f} of CLIP's"
         )
         if not share >= min_share:  # NaN (CLIP learnt nothing) fails too
             problems.append(
